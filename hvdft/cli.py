@@ -55,8 +55,17 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
             code = EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - a crash: say where, on which rank
             label = _rank_label() or "[rank 0] "
-            sys.stderr.write("".join(f"{label}{line}" for line in "".join(traceback.format_exc()).splitlines(True)))
-            click.echo(f"hvdft: error: {label}crashed: {type(exc).__name__}: {exc}", err=True)
+            if type(exc).__name__ == "HorovodInternalError" and _rank_label():
+                # Not this rank's fault: a peer failed or was killed mid-collective. Its own
+                # error (or the launcher's "process N exited" line) names it; a traceback
+                # of this rank's wait would only bury that.
+                first = (str(exc).splitlines() or [""])[0]
+                click.echo(f"hvdft: error: {label}stopped because another rank failed or was killed "
+                           f"(Horovod: {first[:160]})", err=True)
+            else:
+                trace = traceback.format_exc()
+                sys.stderr.write("".join(f"{label}{line}" for line in trace.splitlines(True)))
+                click.echo(f"hvdft: error: {label}crashed: {type(exc).__name__}: {exc}", err=True)
             code = EXIT_CRASH
         sys.stdout.flush()
         sys.stderr.flush()

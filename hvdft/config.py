@@ -64,7 +64,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise HvdftError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         nonneg = ("weight_decay", "warmup_ratio", "eval_every", "early_stopping_patience",
-                  "save_every", "save_total_limit", "pad_to_multiple_of", "max_steps", "num_workers")
+                  "save_every", "save_total_limit", "pad_to_multiple_of", "max_steps", "num_workers",
+                  "max_grad_norm", "seed")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise HvdftError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")

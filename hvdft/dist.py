@@ -115,13 +115,18 @@ def allreduce(tensor: torch.Tensor, op: str = "sum", name: str | None = None) ->
     return hvd.allreduce(tensor, op={"sum": hvd.Sum, "average": hvd.Average}[op], name=name)
 
 
-def allgather_object(obj: T) -> list[T]:
-    """Every rank's object, in rank order, on every rank."""
-    return _require().allgather_object(obj)
+def allgather_object(obj: T, name: str = "hvdft.gather") -> list[T]:
+    """Every rank's object, in rank order, on every rank.
+
+    The name is fixed: Horovod matches collectives across ranks by name, and its default
+    (the object's type) differs when one rank sends None and another an error or a dict.
+    """
+    return _require().allgather_object(obj, name=name)
 
 
-def broadcast_object(obj: T, root: int = 0) -> T:
-    return _require().broadcast_object(obj, root_rank=root)
+def broadcast_object(obj: T, root: int = 0, name: str = "hvdft.bcast") -> T:
+    """`obj` of rank `root` on every rank (the others pass anything, usually None)."""
+    return _require().broadcast_object(obj, root_rank=root, name=name)
 
 
 def barrier() -> None:

@@ -368,22 +368,11 @@ def build_command(
     elif hosts:
         cmd += ["-H", hosts_spec(hosts)]
     # Horovod's documented mpirun flags: no core binding (each rank runs several
-    # threads), ranks filled host by host, and the TCP/shared-memory transports rather
-    # than the openib BTL that only prints warnings on modern fabrics.
-    cmd += ["-bind-to", "none", "-map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib"]
-    # On SIGTERM mpirun signals the ranks and SIGKILLs them 1 s later by default: too
-    # short for the checkpoint hvdft writes when Slurm warns of the time limit.
-    cmd += ["-mca", "odls_base_sigkill_timeout", str(MPI_TERM_GRACE_S)]
-    if network_interface:
-        # Both MPI's data path and its out-of-band wire-up, or one still picks docker0.
-        cmd += [
-            "-mca",
-            "btl_tcp_if_include",
-            network_interface,
-            "-mca",
-            "oob_tcp_if_include",
-            network_interface,
-        ]
+    # threads) and ranks filled host by host.
+    cmd += ["-bind-to", "none", "-map-by", "slot"]
+    for name, value in _mpi_mca_defaults(network_interface):
+        if name not in _mca_names(launcher_args):  # the user's own -mca wins
+            cmd += ["-mca", name, value]
     names = forwarded_env_names(env or {})
     for entry in extra_env:
         name = entry.partition("=")[0]
@@ -393,6 +382,35 @@ def build_command(
     for name in names:
         cmd += ["-x", name]
     return [*cmd, *launcher_args, *program]
+
+
+def _mpi_mca_defaults(network_interface: str | None) -> list[tuple[str, str]]:
+    params = [
+        # TCP and shared memory, not the openib BTL that only prints warnings on
+        # modern fabrics (Horovod's documented setting).
+        ("pml", "ob1"),
+        ("btl", "^openib"),
+        # On SIGTERM mpirun signals the ranks and SIGKILLs them 1 s later by default:
+        # too short for the checkpoint hvdft writes when Slurm warns of the time limit.
+        ("odls_base_sigkill_timeout", str(MPI_TERM_GRACE_S)),
+        # MPI itself has no timeouts: a rank whose peer's host vanished waits forever.
+        # Keepalives on mpirun's links to its daemons turn a lost host into a job
+        # abort after ~1 min instead of the default 8 (300 s + 9 x 20 s).
+        ("oob_tcp_keepalive_time", "30"),
+        ("oob_tcp_keepalive_intvl", "10"),
+        ("oob_tcp_keepalive_probes", "3"),
+    ]
+    if network_interface:
+        # Both MPI's data path and its out-of-band wire-up, or one still picks docker0.
+        params += [
+            ("btl_tcp_if_include", network_interface),
+            ("oob_tcp_if_include", network_interface),
+        ]
+    return params
+
+
+def _mca_names(args: Sequence[str]) -> set[str]:
+    return {args[i + 1] for i in range(len(args) - 1) if args[i] in ("-mca", "--mca", "-gmca", "--gmca")}
 
 
 def format_command(argv: Sequence[str], env_prefix: Mapping[str, str] | None = None) -> str:

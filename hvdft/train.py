@@ -46,6 +46,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world, device = dist.rank(), dist.size(), dist.device()
     task = get_task(cfg.task)
     output_dir = Path(cfg.output_dir)
+    _configure_cuda(device)
     dist.agree(lambda: _check_output_dir(output_dir))
     stop = _StopFlag()
 
@@ -83,7 +84,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device)
     model.train()
 
-    per_rank = max(dist.allgather_object(len(features["train"]["input_ids"])))
+    rows = dist.allgather_object(len(features["train"]["input_ids"]))
+    if min(rows) == 0:  # e.g. the rows of a JSON file a rank owns are all empty
+        raise HvdftError(f"rank {rows.index(0)} holds no training sentence: every rank needs one",
+                         splits["train"].source)
+    per_rank = max(rows)
     sampler = DistributedBatchSampler(
         features["train"]["length"], per_rank, rank, world, cfg.batch_size,
         shuffle=cfg.shuffle, group_by_length=cfg.group_by_length, seed=cfg.seed,
@@ -96,12 +101,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Horovod's convention: N ranks take N-times larger batches, so N-times the rate.
     lr = cfg.lr * (world if cfg.scale_lr and average else 1)
     optimizer = _adamw(model, lr, cfg.weight_decay, device)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
     optimizer = dist.wrap_optimizer(
         optimizer, model.named_parameters(), backward_passes_per_step=cfg.grad_accum,
         fp16_allreduce=cfg.fp16_allreduce, op=cfg.allreduce_op,
     )
+    # On the wrapped optimizer: Horovod's wrapper is a new object, and a scheduler bound
+    # to the inner one would never see a step.
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     run = {"config": cfg.to_dict(), "labels": labels, "world_size": world, "model_path": model_path}
 
@@ -117,7 +124,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state = dist.agree(
             lambda: _read_checkpoint(resumed_from, cfg, labels, model, optimizer) if dist.is_main() else None
         )
-        state = dist.broadcast_object(state)
+        # The optimizer state travels once, in broadcast_training_state below.
+        state = dist.broadcast_object({k: v for k, v in state.items() if k != "optimizer"} if state else None)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         p = state["progress"]
@@ -125,7 +133,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         best_metric, bad_evals, history = p["best_metric"], p["bad_evals"], p["history"]
         if len(state["rng"]) == world:
             _set_rng(state["rng"][rank])
+        if dist.is_main():
+            _truncate_metrics_log(output_dir / "metrics.jsonl", step)
+    debug = _Debug(rank)
+    debug.hashes("before_broadcast", model, optimizer)
     dist.broadcast_training_state(model, optimizer)
+    debug.hashes("after_broadcast", model, optimizer)
     best: dict[str, torch.Tensor] | None = None  # best weights seen by this process
 
     metric_name = cfg.metric or task.default_metric
@@ -136,6 +149,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_log = open(output_dir / "metrics.jsonl", "a", encoding="utf-8") if dist.is_main() else None
     running_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
     running_count = 0
+    if cfg.resume and dist.is_main():  # the loss summed since the last log line before the checkpoint
+        running_loss += state["progress"].get("log_sums", [0.0, 0])[0]
+        running_count = int(state["progress"].get("log_sums", [0.0, 0])[1])
     tokens = 0  # real (non-padding) tokens this rank trained on
     train_time = 0.0
     last_log, last_log_tokens = time.perf_counter(), 0.0
@@ -153,6 +169,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                          for _, rows in zip(range(cfg.grad_accum), batches, strict=False)]
                 if not micro:
                     break
+                _inject_fault(rank, step + 1)  # test-only, inert unless HVDFT_FAULT is set
                 # One tiny allreduce per step carries the labelled-target count, which
                 # normalises the loss exactly as one big batch would, and the stop flag
                 # (SIGTERM/SIGINT reached some rank): all ranks stop at the same step.
@@ -177,17 +194,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     tokens += b.real_tokens
                 running_count += local_count
                 # Clip the averaged gradients: wait for the allreduce, unscale, clip, step.
+                # (Adasum reduces the updates inside step() instead: it clips local gradients.)
                 optimizer.synchronize()
                 scaler.unscale_(optimizer)
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                with optimizer.skip_synchronize():
+                if average:
+                    with optimizer.skip_synchronize():
+                        scaler.step(optimizer)
+                else:  # Horovod's Adasum optimizer has no skip_synchronize()
                     scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
                 train_time += time.perf_counter() - t0
+                debug.step(step, epoch, [[splits["train"].ids[features["train"]["example"][r]] for r in b.rows]
+                                         for b in micro])
                 progress.update(1)
                 end_of_epoch = batch_in_epoch >= len(sampler)
 
@@ -233,29 +256,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if (step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) or stopped_early:
                     position = (epoch + 1, 0) if end_of_epoch else (epoch, batch_in_epoch)
                     _checkpoint(output_dir, cfg, model, tokenizer, optimizer, scheduler, scaler, run,
-                                step, position, best_metric, bad_evals, history)
+                                step, position, best_metric, bad_evals, history,
+                                log_sums=(float(running_loss), running_count))
                 if stopped_early:
                     break
             if not interrupted:
                 epoch += 1
     finally:
-        stop.restore()
+        if not interrupted:
+            stop.restore()
         progress.close()
         if metrics_log:
             metrics_log.close()
 
     if interrupted:
-        _checkpoint(output_dir, cfg, model, tokenizer, optimizer, scheduler, scaler, run,
-                    step, (epoch, batch_in_epoch), best_metric, bad_evals, history)
+        try:  # the handlers stay: a repeated SIGTERM must not kill the checkpoint's writer
+            _checkpoint(output_dir, cfg, model, tokenizer, optimizer, scheduler, scaler, run,
+                        step, (epoch, batch_in_epoch), best_metric, bad_evals, history,
+                        log_sums=(float(running_loss), running_count))
+            # Nobody exits before rank 0 has written it: a launcher that sees one rank
+            # exit kills the others, rank 0 included (mpirun 1 s later, horovodrun 5 s).
+            dist.barrier()
+        finally:
+            stop.restore()
         raise Interrupted(f"interrupted by a signal at step {step}; checkpoint written, continue with --resume")
 
     # ---- final: the best model, the test set, the outputs -----------------------------------
+    debug.hashes("end", model, optimizer)
     if best is not None:
         model.load_state_dict(best)
     elif best_metric is not None and resumed_from is not None:
         # The best model predates the resume: rank 0 reloads it from disk for everyone.
-        if dist.is_main():
-            load_weights(model, output_dir / "checkpoints" / "best")
+        dist.agree(lambda: load_weights(model, output_dir / "checkpoints" / "best") if dist.is_main() else None)
         dist.broadcast_parameters(model)
     totals = dist.allreduce(torch.tensor([float(tokens)], dtype=torch.float64), name="final")
     results: dict[str, Any] = {
@@ -292,13 +324,17 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self.first: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:  # a second signal: the user means it
+        # Repeated SIGTERMs are one request: Slurm signals every process of the step and
+        # mpirun forwards its own, so a rank often gets two. Ctrl-C twice means "now".
+        if self.raised and signum == signal.SIGINT and self.first == signal.SIGINT:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        self.raised = True
+        if not self.raised:
+            self.raised, self.first = True, signum
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -307,6 +343,18 @@ class _StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _configure_cuda(device: torch.device) -> None:
+    """cuDNN's attention backend builds a plan per new sequence length: with dynamic
+    padding it ran 5x slower on an H200 than the flash/memory-efficient kernels. Off
+    unless HVDFT_CUDNN_SDPA=1. TF32 matmuls for fp32 runs."""
+    if device.type != "cuda":
+        return
+    if os.environ.get("HVDFT_CUDNN_SDPA", "0") != "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -411,18 +459,22 @@ def _set_rng(state: dict[str, Any]) -> None:
 
 def _checkpoint(output_dir: Path, cfg: TrainConfig, model: Any, tokenizer: Any, optimizer: Any,
                 scheduler: Any, scaler: Any, run: dict[str, Any], step: int, position: tuple[int, int],
-                best_metric: float | None, bad_evals: int, history: list[dict[str, Any]]) -> None:
-    """Collective (RNG states of all ranks are gathered); rank 0 writes."""
-    rng = dist.allgather_object(_rng_state())
+                best_metric: float | None, bad_evals: int, history: list[dict[str, Any]],
+                log_sums: tuple[float, int] = (0.0, 0)) -> None:
+    """Collective (RNG states and unlogged loss sums of all ranks are gathered); rank 0 writes."""
+    gathered = dist.allgather_object((_rng_state(), log_sums))
     if not dist.is_main():
         return
+    rng = [g[0] for g in gathered]
+    log_sums = (sum(g[1][0] for g in gathered), sum(g[1][1] for g in gathered))
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng,
         "progress": {"step": step, "epoch": position[0], "batch_in_epoch": position[1],
-                     "best_metric": best_metric, "bad_evals": bad_evals, "history": history},
+                     "best_metric": best_metric, "bad_evals": bad_evals, "history": history,
+                     "log_sums": list(log_sums)},
     }
     root = output_dir / "checkpoints"
     save_checkpoint(root / f"checkpoint-{step}", _unwrap(model), tokenizer, state, run)
@@ -440,8 +492,18 @@ def _read_checkpoint(folder: Path, cfg: TrainConfig, labels: list[str], model: A
             )
     if run.get("labels") != labels:
         raise HvdftError(f"--resume: checkpoint's labels {run.get('labels')} differ from this data's {labels}", folder)
+    if state["progress"]["batch_in_epoch"] and run.get("world_size") != dist.size():
+        # The sampler position counts this rank's batches: it means other examples on N ranks.
+        raise HvdftError(
+            f"--resume: checkpoint was written mid-epoch by {run.get('world_size')} rank(s), this job has "
+            f"{dist.size()}; resume on {run.get('world_size')} or from an end-of-epoch checkpoint",
+            folder,
+        )
     load_weights(model, folder)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise HvdftError(f"--resume: optimizer state does not fit this model: {exc}".splitlines()[0], folder) from None
     return state
 
 
@@ -518,3 +580,86 @@ def _header(cfg: TrainConfig, task: str, world: int, lr: float, steps_per_epoch:
     if resumed:
         lines.append(f"  resumed from {resumed}")
     print("\n".join(lines), flush=True)
+
+
+def _truncate_metrics_log(path: Path, step: int) -> None:
+    """On resume: drop records past the checkpoint's step, which the run now replays."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- test hooks
+# Test-only and inert unless their variable is set; tests/test_failures.py and
+# tests/test_equivalence.py use them to prove the failure behaviour and the equivalence.
+
+
+def _inject_fault(rank: int, step: int) -> None:
+    """HVDFT_FAULT="rank=1,step=3,kind=raise|kill": that rank fails as it starts that step."""
+    spec = os.environ.get("HVDFT_FAULT")
+    if not spec:
+        return
+    fault = dict(item.split("=", 1) for item in spec.split(","))
+    if int(fault["rank"]) != rank or int(fault["step"]) != step:
+        return
+    if fault["kind"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"HVDFT_FAULT: injected failure at step {step}")
+
+
+class _Debug:
+    """HVDFT_DEBUG_DIR=dir: each rank appends JSON lines to dir/rank<N>.jsonl: hashes of
+    its parameters and optimizer state (before/after the initial broadcast, at the end)
+    and the global example ids of every step."""
+
+    def __init__(self, rank: int) -> None:
+        folder = os.environ.get("HVDFT_DEBUG_DIR")
+        self.path = Path(folder) / f"rank{rank}.jsonl" if folder else None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def hashes(self, event: str, model: Any, optimizer: Any) -> None:
+        if self.path is not None:
+            self._write({"event": event, "params": _digest(model.state_dict()),
+                         "optimizer": _digest(optimizer.state_dict())})
+
+    def step(self, step: int, epoch: int, examples: list[list[int]]) -> None:
+        if self.path is not None:
+            self._write({"event": "step", "step": step, "epoch": epoch, "examples": examples})
+
+
+def _digest(obj: Any) -> str:
+    """sha256 of nested dicts/lists of tensors and plain values, in a fixed order."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(str((x.dtype, tuple(x.shape))).encode())
+            h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                feed(v)
+        else:
+            h.update(repr(x).encode())
+
+    feed(obj)
+    return h.hexdigest()

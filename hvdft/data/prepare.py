@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -64,7 +65,15 @@ def read_splits(task: Task, cfg: TrainConfig, splits: tuple[str, ...]) -> dict[s
             if not source:
                 continue
             if hub is not None:
-                result[split] = task.read_hub(hub[source], split, rank, world, opts)
+                part = task.read_hub(hub[source], split, rank, world, opts)
+                if part is None and split != "train":  # labels withheld (GLUE's test split: -1)
+                    if dist.is_main():
+                        logging.getLogger("hvdft").warning("%s split '%s' has no labels: not evaluated",
+                                                           cfg.dataset, source)
+                    continue
+                if part is None:
+                    raise HvdftError(f"split '{source}' of {cfg.dataset} has no labels")
+                result[split] = part
             else:
                 result[split] = task.read(source, split, rank, world, opts)
             limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples

@@ -28,8 +28,9 @@ class Task(ABC):
         """This rank's shard of one local file (never the others': they are not parsed)."""
 
     @abstractmethod
-    def read_hub(self, dataset: Any, split: str, rank: int, world: int, opts: dict[str, Any]) -> Split:
-        """This rank's shard of one split of a loaded Hugging Face dataset."""
+    def read_hub(self, dataset: Any, split: str, rank: int, world: int, opts: dict[str, Any]) -> Split | None:
+        """This rank's shard of one split of a loaded Hugging Face dataset; None when the
+        whole split has no labels (GLUE's test splits: -1), which is then left out."""
 
     @abstractmethod
     def labels(self, split: Split) -> set[str]:

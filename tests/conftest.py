@@ -1,0 +1,40 @@
+"""Shared test helpers: real subprocesses, real Horovod, bounded by timeouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+HVDFT = str(BIN / "hvdft")
+MPIRUN = ["mpirun", "--oversubscribe", "-np", "2"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+HOROVODRUN = [str(BIN / "horovodrun"), "-np", "2", "--gloo"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    e.update(extra)
+    return e
+
+
+def run(cmd: list[str], timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command with a hard timeout; on failure show its output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kwargs.pop("env", env()), **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real corpora for tests live there)")
+    return SHARED_DATA

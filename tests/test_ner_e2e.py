@@ -1,0 +1,112 @@
+"""End to end: `hvdft train ner` on 2 real Horovod ranks, its outputs checked file by file;
+then `hvdft predict` and `hvdft eval` on the model it wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import HOROVODRUN, HVDFT, MPIRUN, run
+
+from hvdft.data.prepare import BUNDLED_DATASETS
+from hvdft.tasks.ner import NerTask
+
+WNUT = BUNDLED_DATASETS["wnut17"]
+TRAIN_ARGS = ["--model", "minilm", "--dataset", "wnut17", "--max-train-samples", "64", "--max-eval-samples", "40",
+              "--epochs", "2", "--batch-size", "8", "--max-length", "128", "--log-every", "2", "--lr", "1e-4"]
+
+
+def _first_sentences(path: Path, n: int):
+    split = NerTask().read(str(path), "test", 0, 1, {})
+    return split.examples[:n]
+
+
+def _check_outputs(out: Path) -> dict:
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("eval_precision", "eval_recall", "eval_f1", "test_precision", "test_recall", "test_f1",
+                "train_runtime", "train_samples", "train_tokens_per_second", "world_size", "global_batch_size"):
+        assert key in results, key
+    assert results["world_size"] == 2 and results["global_batch_size"] == 16 and results["train_samples"] == 64
+    assert results["train_tokens_per_second"] > 0 and results["train_runtime"] > 0
+    # 64 sentences / 2 ranks / batch 8 = 4 steps per epoch, 2 epochs
+    assert results["train_steps"] == 8
+
+    config = json.loads((out / "config.json").read_text())
+    labels = list(config["id2label"].values())
+    assert labels[0] == "O" and all(t == "O" or t[:2] in ("B-", "I-") for t in labels)
+    assert config["label2id"] == {v: int(k) for k, v in config["id2label"].items()}
+    assert config["hvdft_task"] == "ner"
+    assert (out / "model.safetensors").stat().st_size > 1_000_000
+    assert (out / "tokenizer.json").exists()
+
+    from transformers import pipeline
+
+    tagger = pipeline("token-classification", model=str(out))
+    assert isinstance(tagger("Barack Obama visited Paris"), list)
+
+    for name in ("eval_report.txt", "test_report.txt"):
+        text = (out / name).read_text()
+        assert "micro avg" in text and "f1-score" in text
+
+    # every test word, in input order, `word gold predicted`, blank line between sentences
+    gold = _first_sentences(WNUT / "test.txt", 40)
+    blocks = (out / "test_predictions.conll").read_text(encoding="utf-8").split("\n\n")
+    blocks = [b for b in blocks if b]
+    assert len(blocks) == 40
+    for ex, block in zip(gold, blocks, strict=True):
+        rows = [line.split(" ") for line in block.split("\n")]
+        assert [r[0] for r in rows] == ex["words"]
+        assert [r[1] for r in rows] == ex["tags"]
+        assert all(r[2] in labels for r in rows)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if "loss" in r]
+    eval_lines = [r for r in records if "eval_f1" in r]
+    assert [r["step"] for r in train_lines] == [2, 4, 6, 8]
+    assert len(eval_lines) == 2, "one evaluation per epoch"
+    assert not list(out.glob(".*tmp*")), "no temporary files left"
+    return results
+
+
+@pytest.mark.slow
+def test_train_ner_two_ranks_horovodrun(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run([*HOROVODRUN, HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
+    assert "2 rank(s)" in proc.stdout and "16 global" in proc.stdout
+    results = _check_outputs(out)
+
+    # predict on plain text, sharded over 2 ranks, in input order
+    text = tmp_path / "in.txt"
+    text.write_text("Barack Obama visited Paris\n\nI love New York\nok\n", encoding="utf-8")
+    pred = tmp_path / "pred.conll"
+    run([*HOROVODRUN, HVDFT, "predict", "--model", str(out), "--input", str(text), "--output", str(pred)], timeout=300)
+    blocks = [b.split("\n") for b in pred.read_text().strip().split("\n\n")]
+    assert [[line.split(" ")[0] for line in b] for b in blocks] == [
+        ["Barack", "Obama", "visited", "Paris"], ["I", "love", "New", "York"], ["ok"]]
+
+    # eval reproduces the test score of the run
+    report_dir = tmp_path / "eval"
+    test_file = tmp_path / "test40.txt"
+    lines = (WNUT / "test.txt").read_text(encoding="utf-8").split("\n")
+    # the first 40 sentences of the test set (sentences end at whitespace-only lines)
+    kept, n = [], 0
+    for line in lines:
+        kept.append(line)
+        if not line.strip():
+            n += 1
+            if n == 40:
+                break
+    test_file.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    run([HVDFT, "eval", "--model", str(out), "--data", str(test_file), "--output-dir", str(report_dir)], timeout=300)
+    scores = json.loads((report_dir / "eval_results.json").read_text())
+    assert scores["sentences"] == 40
+    assert scores["f1"] == pytest.approx(results["test_f1"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_train_ner_two_ranks_mpirun(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run([*MPIRUN, HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
+    assert "[mpi]" in proc.stdout
+    _check_outputs(out)
