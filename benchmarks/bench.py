@@ -147,6 +147,7 @@ def run_row(row: str, a: argparse.Namespace, model: str, train_file: Path, seed:
     env = child_env(profile, a.warmup, a.no_cudnn_sdpa)
     py = sys.executable
     if row.startswith("hvdft"):
+        env.update(kv.split("=", 1) for kv in a.hvdft_env)
         ranks = int(row.split("-")[1])
         out = workdir / "out" / tag
         shutil.rmtree(out, ignore_errors=True)
@@ -209,6 +210,10 @@ def summarize(records: list[dict[str, Any]], warmup: int, steps: int) -> dict[st
     mean = {k: statistics.fmean(p[k] for p in per_rank) for k in per_rank[0]}
     comm = mean["sync_s"] + mean["step_allreduce_s"] + mean["log_allreduce_s"]
     n = steps - warmup
+    imbalance = None
+    if world > 1:  # per step: the share of the busiest rank's padded tokens the lightest lacks
+        per_step = [[r["steps"][k]["slots"] for r in records] for k in range(warmup, steps)]
+        imbalance = statistics.fmean((max(s) - min(s)) / max(s) for s in per_step)
     cuda = [r["cuda_max_allocated_mb"] for r in records if r.get("cuda_max_allocated_mb") is not None]
     return {
         "world": world,
@@ -232,6 +237,7 @@ def summarize(records: list[dict[str, Any]], warmup: int, steps: int) -> dict[st
         "step_allreduce_wait_ms": 1000 * mean["step_allreduce_s"] / n,
         "log_allreduce_wait_ms": 1000 * mean["log_allreduce_s"] / n,
         "comm_wait_fraction": comm / elapsed if world > 1 else None,
+        "rank_slot_imbalance": imbalance,
         "comm_wait_per_rank": per_rank if world > 1 else None,
     }
 
@@ -247,7 +253,9 @@ from transformers import AutoConfig, AutoTokenizer
 dist.init()
 train_file, model, cache = sys.argv[1:4]
 task = get_task("ner")
-t = time.perf_counter(); split = task.read(train_file, "train", 0, 1, {"encoding": "utf-8"}); read_s = time.perf_counter() - t
+t = time.perf_counter()
+split = task.read(train_file, "train", 0, 1, {"encoding": "utf-8"})
+read_s = time.perf_counter() - t
 labels = task.sort_labels(task.labels(split))
 tok = AutoTokenizer.from_pretrained(model, use_fast=True)
 cfg = AutoConfig.from_pretrained(model)
@@ -287,7 +295,8 @@ def preprocessing(train_file: Path, model: str, workdir: Path, timeout: float) -
 def median_rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     keys = ("tokens_per_second", "sentences_per_second", "padding_fraction", "peak_rss_mb",
             "peak_rss_mb_all_ranks", "cuda_max_allocated_mb", "comm_wait_fraction", "step_ms", "collate_ms",
-            "sync_wait_ms", "step_allreduce_wait_ms", "log_allreduce_wait_ms", "tokens_per_sentence")
+            "sync_wait_ms", "step_allreduce_wait_ms", "log_allreduce_wait_ms", "tokens_per_sentence",
+            "rank_slot_imbalance")
     out = {}
     for row in ROWS:
         mine = [r for r in runs if r["row"] == row]
@@ -362,6 +371,10 @@ def table(report: dict[str, Any]) -> str:
                 - (m["log_allreduce_wait_ms"] or 0)
             lines.append(f"| {row} | {m['step_ms']:.0f} | {m['collate_ms']:.1f} | {m['step_allreduce_wait_ms']:.1f} | "
                          f"{m['sync_wait_ms']:.1f} | {m['log_allreduce_wait_ms']:.1f} | {rest:.0f} |")
+        if med.get("hvdft-2", {}).get("rank_slot_imbalance") is not None:
+            gap = 100 * med["hvdft-2"]["rank_slot_imbalance"]
+            lines.append(f"hvdft-2: per step, the lighter rank's batch has {gap:.0f}% "
+                         "fewer padded tokens than the heavier one's (it waits in synchronize() for the other)")
     pre = report.get("preprocessing")
     if pre:
         lines += ["", f"preprocessing ({Path(pre['file']).parent.name}/{Path(pre['file']).name}, "
@@ -392,6 +405,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="hvdft and plain (the naive recipe is always fp32).")
     p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated subset of {','.join(ROWS)}.")
     p.add_argument("--no-cudnn-sdpa", action="store_true", help="Disable the cuDNN attention backend in every run.")
+    p.add_argument("--hvdft-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="Extra environment for the hvdft runs (repeatable), e.g. HVDFT_BENCH_SAMPLER=aligned.")
     p.add_argument("--no-preprocessing", action="store_true", help="Skip the tokenization timing.")
     p.add_argument("--workdir", help="Runs, logs, cache [default: a temporary folder, removed at the end].")
     p.add_argument("--timeout", type=float, default=1800, help="Seconds per run.")
@@ -425,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv, "model": model, "model_label": a.model, "data": str(train_file),
         "data_label": data_label, "steps": a.steps, "warmup": a.warmup, "reps": a.reps, "batch": a.batch,
         "batch_2": a.batch_2, "naive_batch": a.naive_batch, "precision": a.precision, "rows": a.rows,
-        "no_cudnn_sdpa": a.no_cudnn_sdpa, "cpu_count": os.cpu_count(), "device_label": device_label,
+        "no_cudnn_sdpa": a.no_cudnn_sdpa, "hvdft_env": a.hvdft_env, "cpu_count": os.cpu_count(),
+        "device_label": device_label,
         "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
         "load_start": load_average(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -43,8 +43,10 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
 
             dist.shutdown()
         except HvdftError as exc:
-            if not getattr(exc, "agreed", False) or _is_main():
+            if not getattr(exc, "agreed", False):
                 click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
+            elif _is_main():  # one error for the whole job: no rank label
+                click.echo(f"hvdft: error: {exc}", err=True)
             code = EXIT_USER_ERROR
         except Interrupted as exc:
             if _is_main():

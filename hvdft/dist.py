@@ -148,7 +148,8 @@ def agree(step: Callable[[], T]) -> T:
     errors = allgather_object(error)
     for r, message in enumerate(errors):
         if message is not None:
-            suffix = f" (found on rank {r})" if size() > 1 else ""
+            everywhere = all(m == message for m in errors)  # e.g. a missing file: no rank to name
+            suffix = f" (found on rank {r})" if size() > 1 and not everywhere else ""
             agreed = HvdftError(message + suffix)
             agreed.agreed = True  # every rank raises it: rank 0 alone needs to print it
             raise agreed

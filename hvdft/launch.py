@@ -26,7 +26,7 @@ from types import FrameType
 
 import click
 
-from hvdft.errors import HvdftError
+from hvdft.errors import EXIT_USER_ERROR, HvdftError
 
 Hosts = list[tuple[str, int]]
 
@@ -38,7 +38,7 @@ MPI_TERM_GRACE_S = 60
 # horovodrun rejects anything else in -H (its own regex), and mpirun would try to resolve
 # it; failing here names the entry instead of failing on some remote host later.
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+_LOCAL_NAMES = {"localhost", "127.0.0.1"}
 
 # Variables whose absence on remote ranks breaks a run in confusing ways: the venv's
 # PATH, the libraries torch/NCCL load, Horovod/NCCL tuning, and offline HF settings.
@@ -58,10 +58,11 @@ def _check_host(name: str, where: str, path: str | Path | None, line: int | None
         )
 
 
-def _slots(text: str, where: str, path: str | Path | None, line: int | None) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise HvdftError(f"{where}: slots must be a positive integer, got '{text}'", path, line)
-    return int(text)
+def _slots(text: str, where: str) -> int:
+    try:
+        return _slots_value(text)
+    except ValueError as exc:
+        raise HvdftError(f"{where}: {exc}") from None
 
 
 def _add(
@@ -93,7 +94,7 @@ def parse_hosts(spec: str) -> Hosts:
             raise HvdftError(f"-H entry {i} is empty (in '{spec}')")
         name, sep, count = entry.partition(":")
         _check_host(name, where, None, None)
-        slots = _slots(count, where, None, None) if sep else 1
+        slots = _slots(count, where) if sep else 1
         _add(hosts, seen, name, slots, where, None, None)
     return hosts
 
@@ -161,11 +162,6 @@ def _read_hostfile(path: str | Path) -> tuple[Hosts, bool, bool]:
     if not hosts:
         raise HvdftError("hostfile lists no hosts", path)
     return hosts, colon, strict
-
-
-def format_hostfile(hosts: Hosts) -> str:
-    """The `host slots=N` syntax that both mpirun and horovodrun read."""
-    return "".join(f"{name} slots={slots}\n" for name, slots in hosts)
 
 
 def hosts_spec(hosts: Hosts) -> str:
@@ -481,6 +477,16 @@ def _split_env(entries: Sequence[str], environ: Mapping[str, str]) -> dict[str, 
     return values
 
 
+def _split_launcher_args(texts: Sequence[str]) -> list[str]:
+    words: list[str] = []
+    for text in texts:
+        try:
+            words += shlex.split(text)
+        except ValueError as exc:
+            raise HvdftError(f"--launcher-args {text!r}: {exc}") from None
+    return words
+
+
 @click.command(
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
     short_help="Start N ranks with horovodrun or mpirun.",
@@ -571,6 +577,31 @@ def launch(
     Inside a Slurm allocation the hosts and rank count come from Slurm. Under
     `srun --mpi=pmix` run `hvdft train ...` directly instead: ranks come from MPI.
     """
+    try:
+        code = _launch(
+            np, hostfile, hosts_text, controller, launcher, network_interface,
+            env_entries, launcher_args, exec_, dry_run, args,
+        )  # fmt: skip
+    except HvdftError as exc:
+        # One line, like every hvdft command: the message names the file/line or entry.
+        click.echo(f"hvdft: error: {exc}", err=True)
+        code = EXIT_USER_ERROR
+    ctx.exit(code)
+
+
+def _launch(
+    np: int | None,
+    hostfile: str | None,
+    hosts_text: str | None,
+    controller: str | None,
+    launcher: str,
+    network_interface: str | None,
+    env_entries: tuple[str, ...],
+    launcher_args: tuple[str, ...],
+    exec_: bool,
+    dry_run: bool,
+    args: tuple[str, ...],
+) -> int:
     environ = dict(os.environ)
     if hostfile and hosts_text:
         raise HvdftError("give --hostfile or -H, not both")
@@ -613,7 +644,7 @@ def launch(
         env=environ,
         extra_env=env_entries,
         network_interface=network_interface,
-        launcher_args=[word for text in launcher_args for word in shlex.split(text)],
+        launcher_args=_split_launcher_args(launcher_args),
         is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
         local_slots=local_core_count(),
         executable=venv_tool("horovodrun") if launcher == "horovodrun" else None,
@@ -623,18 +654,9 @@ def launch(
     child_env = {**environ, **extra_values}
     click.echo(format_command(argv, extra_values if launcher == "horovodrun" else None))
     if dry_run:
-        ctx.exit(0)
+        return 0
     sys.stdout.flush()
     try:
-        code = run_forwarding_signals(argv, child_env)
+        return run_forwarding_signals(argv, child_env)
     except FileNotFoundError as exc:
         raise HvdftError(f"{argv[0]} not found: {exc.strerror} (is the venv activated?)") from exc
-    ctx.exit(code)
-
-
-if __name__ == "__main__":  # `python -m hvdft.launch ...` works before cli.py registers it
-    try:
-        launch(prog_name="hvdft launch")
-    except HvdftError as error:
-        click.echo(f"hvdft: error: {error}", err=True)
-        sys.exit(2)

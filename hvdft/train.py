@@ -169,7 +169,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                          for _, rows in zip(range(cfg.grad_accum), batches, strict=False)]
                 if not micro:
                     break
-                _inject_fault(rank, step + 1)  # test-only, inert unless HVDFT_FAULT is set
+                _inject_fault(rank, step + 1, stop)  # test-only, inert unless HVDFT_FAULT is set
                 # One tiny allreduce per step carries the labelled-target count, which
                 # normalises the loss exactly as one big batch would, and the stop flag
                 # (SIGTERM/SIGINT reached some rank): all ranks stop at the same step.
@@ -472,13 +472,26 @@ def _checkpoint(output_dir: Path, cfg: TrainConfig, model: Any, tokenizer: Any, 
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng,
-        "progress": {"step": step, "epoch": position[0], "batch_in_epoch": position[1],
-                     "best_metric": best_metric, "bad_evals": bad_evals, "history": history,
-                     "log_sums": list(log_sums)},
+        # Plain Python numbers: metrics arrive as numpy scalars, which
+        # torch.load(weights_only=True) refuses, so --resume would fail.
+        "progress": _plain({"step": step, "epoch": position[0], "batch_in_epoch": position[1],
+                            "best_metric": best_metric, "bad_evals": bad_evals, "history": history,
+                            "log_sums": list(log_sums)}),
     }
     root = output_dir / "checkpoints"
     save_checkpoint(root / f"checkpoint-{step}", _unwrap(model), tokenizer, state, run)
     prune(root, cfg.save_total_limit)
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars -> Python numbers, through dicts and lists."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def _read_checkpoint(folder: Path, cfg: TrainConfig, labels: list[str], model: Any, optimizer: Any) -> dict[str, Any]:
@@ -603,8 +616,10 @@ def _truncate_metrics_log(path: Path, step: int) -> None:
 # tests/test_equivalence.py use them to prove the failure behaviour and the equivalence.
 
 
-def _inject_fault(rank: int, step: int) -> None:
-    """HVDFT_FAULT="rank=1,step=3,kind=raise|kill": that rank fails as it starts that step."""
+def _inject_fault(rank: int, step: int, stop: _StopFlag) -> None:
+    """HVDFT_FAULT="rank=1,step=3,kind=raise|kill|wait": as that rank starts that step, it
+    raises, SIGKILLs itself, or waits (up to 120 s) for a stop signal: a fixed step for
+    a test to send SIGTERM/SIGINT at (the other ranks wait in the step's allreduce)."""
     spec = os.environ.get("HVDFT_FAULT")
     if not spec:
         return
@@ -613,6 +628,11 @@ def _inject_fault(rank: int, step: int) -> None:
         return
     if fault["kind"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault["kind"] == "wait":
+        deadline = time.monotonic() + 120
+        while not stop.raised and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
     raise RuntimeError(f"HVDFT_FAULT: injected failure at step {step}")
 
 
@@ -629,7 +649,7 @@ class _Debug:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
     def hashes(self, event: str, model: Any, optimizer: Any) -> None:
         if self.path is not None:

@@ -38,13 +38,40 @@ pytestmark = pytest.mark.slow
 B = 4  # per-rank batch
 K = 3  # optimizer steps (the epoch has 4 global batches of 8: K stays inside it)
 LR = 1e-4
-# fp32: the two runs do the same arithmetic except the order of a few sums and the
-# padding width of each batch, so they agree to float32 rounding. AdamW divides by
-# sqrt(v) + 1e-8, which can amplify rounding in tiny gradients: still far below 1e-5.
-FP32_ATOL = 1e-5
-# --fp16-allreduce rounds every gradient to 11 significant bits (and flushes those under
-# 6e-8 to zero); stated as: the weights differ by under 2% of how far training moved them.
-FP16_REL = 0.02
+# Stated tolerances. AdamW moves a weight by at most about LR per step, whatever the
+# gradient's size, and it divides by sqrt(v) + 1e-8: a gradient that is rounding noise
+# becomes an update of about +-LR. The attention key biases have an exactly-zero true
+# gradient (softmax ignores a constant added to every key), so their updates are noise
+# in BOTH runs; they are held to the element bound only.
+# fp32 (same arithmetic up to summation order and padding width; measured: 1.3e-4 and
+# 0.17 LR): every tensor within 0.1% of how far training moved it, and no weight off by
+# more than half a step.
+FP32_REL, FP32_ELEMENT = 1e-3, LR / 2
+# --fp16-allreduce rounds each gradient to 11 significant bits and flushes those under
+# 6e-8 to zero (measured: 4.1% for the worst tensor, 0.7% over all weights).
+FP16_REL, FP16_GLOBAL = 0.10, 0.02
+
+
+def compare(ref: dict, other: dict, start: dict) -> tuple[float, float, float, str]:
+    """(largest |difference| of any weight, worst per-tensor relative difference,
+    relative difference over all encoder weights, worst tensor's name); relative to how
+    far training moved the weights from `start` (the pretrained encoder)."""
+    import torch
+
+    worst_element = max_abs_diff(ref, other)[0]
+    worst_rel, worst_name, off2, moved2 = 0.0, "", 0.0, 0.0
+    for k in ref:
+        s = start.get(k.removeprefix("bert."))
+        if s is None or k.endswith("key.bias"):
+            continue
+        moved = float((ref[k] - s).norm())
+        off = float((ref[k] - other[k]).norm())
+        off2, moved2 = off2 + off**2, moved2 + moved**2
+        rel = off / moved if moved else (0.0 if off == 0 else float("inf"))
+        if rel > worst_rel:
+            worst_rel, worst_name = rel, k
+    assert moved2 > 0
+    return worst_element, worst_rel, float(torch.tensor(off2 / moved2).sqrt()), worst_name
 
 
 def common(data: Path, cache: Path, out: Path) -> list[str]:
@@ -90,42 +117,38 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {**out, "debug": debug}
 
 
-def test_two_ranks_equal_one_rank_with_twice_the_batch(runs: dict[str, Path]) -> None:
-    one, two = load_tensors(runs["one_2b"]), load_tensors(runs["two_fp32"])
-    worst, where = max_abs_diff(one, two)
-    assert worst <= FP32_ATOL, f"max |difference| {worst:.3g} in {where}"
-    # ... and training moved the weights much further than that: the comparison means something.
+@pytest.fixture(scope="module")
+def weights(runs: dict[str, Path]) -> dict[str, dict]:
     from hvdft.models import resolve_model
 
-    start = load_tensors(Path(resolve_model("minilm")))
-    moved = max(float((one[k] - start[k.removeprefix("bert.")]).abs().max())
-                for k in one if k.removeprefix("bert.") in start)
-    assert moved > 10 * FP32_ATOL, moved
+    found = {k: load_tensors(runs[k]) for k in ("one_2b", "one_accum", "two_fp32", "two_fp16")}
+    found["start"] = load_tensors(Path(resolve_model("minilm")))
+    return found
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_batch(runs: dict[str, Path], weights: dict[str, dict]) -> None:
+    element, rel, _, name = compare(weights["one_2b"], weights["two_fp32"], weights["start"])
+    assert element <= FP32_ELEMENT, f"a weight is off by {element:.3g}"
+    assert rel <= FP32_REL, f"{name} is off by {rel:.3g} of its update"
+    assert 0 < element  # two real runs, not one file twice
     results = {k: json.loads((runs[k] / "all_results.json").read_text()) for k in ("one_2b", "two_fp32")}
     assert results["one_2b"]["train_steps"] == results["two_fp32"]["train_steps"] == K
     assert results["one_2b"]["global_batch_size"] == results["two_fp32"]["global_batch_size"] == 2 * B
     assert results["two_fp32"]["world_size"] == 2
 
 
-def test_gradient_accumulation_equals_the_big_batch(runs: dict[str, Path]) -> None:
-    worst, where = max_abs_diff(load_tensors(runs["one_2b"]), load_tensors(runs["one_accum"]))
-    assert worst <= FP32_ATOL, f"max |difference| {worst:.3g} in {where}"
+def test_gradient_accumulation_equals_the_big_batch(weights: dict[str, dict]) -> None:
+    element, rel, _, name = compare(weights["one_2b"], weights["one_accum"], weights["start"])
+    assert element <= FP32_ELEMENT, f"a weight is off by {element:.3g}"
+    assert rel <= FP32_REL, f"{name} is off by {rel:.3g} of its update"
 
 
-def test_fp16_allreduce_is_close(runs: dict[str, Path]) -> None:
-    import torch
-
-    from hvdft.models import resolve_model
-
-    ref, fp16 = load_tensors(runs["one_2b"]), load_tensors(runs["two_fp16"])
-    start = load_tensors(Path(resolve_model("minilm")))  # the encoder before training
-    keys = [k for k in ref if k.removeprefix("bert.") in start]
-    assert len(keys) > 50
-    moved = torch.cat([(ref[k] - start[k.removeprefix("bert.")]).flatten() for k in keys]).norm()
-    off = torch.cat([(ref[k] - fp16[k]).flatten() for k in keys]).norm()
-    assert moved > 0
-    assert off <= FP16_REL * moved, f"fp16 allreduce off by {float(off / moved):.2%} of the update"
-    assert max_abs_diff(ref, fp16)[0] > 0  # compression did happen
+def test_fp16_allreduce_is_close(weights: dict[str, dict]) -> None:
+    element, rel, overall, name = compare(weights["one_2b"], weights["two_fp16"], weights["start"])
+    assert rel <= FP16_REL, f"{name} is off by {rel:.3g} of its update"
+    assert overall <= FP16_GLOBAL, f"the weights are off by {overall:.3g} of the update"
+    exact = compare(weights["one_2b"], weights["two_fp32"], weights["start"])[2]
+    assert overall > 10 * exact  # the compression did happen
 
 
 def test_ranks_built_with_different_seeds_agree_after_the_broadcast(runs: dict[str, Path]) -> None:

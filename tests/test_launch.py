@@ -40,10 +40,12 @@ def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def dry_run(*args: str, env: dict[str, str] | None = None) -> list[str]:
-    """The argv `hvdft launch --dry-run ARGS` prints."""
-    result = CliRunner().invoke(launch, ["--dry-run", *args], env=env, catch_exceptions=True)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
+    """The argv `hvdft launch --dry-run ARGS` prints; its one-line error as HvdftError."""
+    result = CliRunner().invoke(launch, ["--dry-run", *args], env=env, catch_exceptions=False)
+    errors = [line for line in result.output.splitlines() if line.startswith("hvdft: error: ")]
+    if errors:
+        assert result.exit_code == 2 and len(errors) == 1, result.output
+        raise HvdftError(errors[0][len("hvdft: error: ") :])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith(PREFIX)]
     assert len(lines) == 1, result.output
