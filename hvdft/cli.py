@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -43,12 +44,14 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
 
             dist.shutdown()
         except HvdftError as exc:
+            _hold_signals()
             if not getattr(exc, "agreed", False):
                 click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
             elif _is_main():  # one error for the whole job: no rank label
                 click.echo(f"hvdft: error: {exc}", err=True)
             code = EXIT_USER_ERROR
         except Interrupted as exc:
+            _hold_signals()
             if _is_main():
                 click.echo(f"hvdft: {exc}", err=True)
             code = EXIT_INTERRUPTED
@@ -56,6 +59,7 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
             click.echo(f"hvdft: {_rank_label()}interrupted", err=True)
             code = EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - a crash: say where, on which rank
+            _hold_signals()
             label = _rank_label() or "[rank 0] "
             if type(exc).__name__ == "HorovodInternalError" and _rank_label():
                 # Not this rank's fault: a peer failed or was killed mid-collective. Its own
@@ -74,6 +78,14 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
         os._exit(code)
 
     return wrapper
+
+
+def _hold_signals() -> None:
+    """This rank has decided how it exits: let that status stand. When one rank exits,
+    horovodrun and mpirun SIGTERM the others, which are usually exiting too (an agreed
+    error, an interrupt); dying of that signal would replace their status with 143."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _is_main() -> bool:
@@ -162,7 +174,8 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--output-dir", default="runs/hvdft", show_default=True, help="Where rank 0 writes everything."),
         click.option("--epochs", type=float, default=3.0, show_default=True),
         click.option("--batch-size", type=int, default=8, show_default=True, help="Per rank."),
-        click.option("--lr", type=float, default=5e-5, show_default=True, help="Before scaling by the number of ranks."),
+        click.option("--lr", type=float, default=5e-5, show_default=True,
+                     help="Before scaling by the number of ranks."),
         click.option("--scale-lr/--no-scale-lr", default=True, show_default=True,
                      help="Multiply the learning rate by the number of ranks."),
         click.option("--weight-decay", type=float, default=0.0, show_default=True),

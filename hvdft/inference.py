@@ -25,8 +25,9 @@ def _load_model(model_dir: str) -> tuple[Any, Any, Any, dict[int, str], int]:
             tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
         except (OSError, ValueError) as exc:
             raise HvdftError(f"cannot load model: {exc}".splitlines()[0], model_dir) from None
-        if not getattr(config, "id2label", None) or getattr(config, "hvdft_task", None) is None and \
-                not any(a.endswith(("TokenClassification", "SequenceClassification")) for a in config.architectures or []):
+        heads = ("TokenClassification", "SequenceClassification")
+        has_head = getattr(config, "hvdft_task", None) or any(a.endswith(heads) for a in config.architectures or [])
+        if not has_head:
             raise HvdftError("not a fine-tuned classification model (no task head in config.json)", model_dir)
         task = get_task(task_of_model(config))
         model = task.model_class().from_pretrained(path, config=config)

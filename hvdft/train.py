@@ -22,6 +22,7 @@ import torch
 from hvdft import dist
 from hvdft.checkpoint import (
     RUN_FILE,
+    list_checkpoints,
     load_state,
     load_weights,
     prune,
@@ -47,7 +48,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     task = get_task(cfg.task)
     output_dir = Path(cfg.output_dir)
     _configure_cuda(device)
-    dist.agree(lambda: _check_output_dir(output_dir))
+    dist.agree(lambda: _check_output_dir(output_dir, resuming=bool(cfg.resume)))
     stop = _StopFlag()
 
     # ---- data: each rank reads and tokenizes only its own shard --------------------------
@@ -146,7 +147,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # ---- the loop ---------------------------------------------------------------------------
     progress = _progress(total_steps, step)
-    metrics_log = open(output_dir / "metrics.jsonl", "a", encoding="utf-8") if dist.is_main() else None
+    metrics_log = open(output_dir / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8") \
+        if dist.is_main() else None
     running_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
     running_count = 0
     if cfg.resume and dist.is_main():  # the loss summed since the last log line before the checkpoint
@@ -240,7 +242,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     history.append(entry)
                     _log_record(metrics_log, entry)
                     if dist.is_main():
-                        progress.write(f"step {step}: eval {metric_name} {score:.4f}, loss {evaluation.metrics['loss']:.4f}")
+                        progress.write(f"step {step}: eval {metric_name} {score:.4f}, "
+                                       f"loss {evaluation.metrics['loss']:.4f}")
                     if best_metric is None or score > best_metric:
                         best_metric, bad_evals = score, 0
                         best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -357,7 +360,7 @@ def _configure_cuda(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def _check_output_dir(output_dir: Path) -> None:
+def _check_output_dir(output_dir: Path, resuming: bool = False) -> None:
     if not dist.is_main():
         return
     try:
@@ -367,6 +370,11 @@ def _check_output_dir(output_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise HvdftError(f"output directory is not writable: {exc.strerror}", output_dir) from None
+    # A new run's checkpoints would mix with the old ones: pruning and --resume go by
+    # step number and would pick the other run's.
+    if not resuming and list_checkpoints(output_dir / "checkpoints"):
+        raise HvdftError("holds checkpoints of an earlier run: continue it with --resume, "
+                         "or give another --output-dir", output_dir)
 
 
 def _warn_unseen_labels(task: Any, split: Any, label2id: dict[str, int]) -> None:

@@ -29,7 +29,9 @@ def run(cmd: list[str], timeout: float = 300, check: bool = True, **kwargs) -> s
     """Run a command with a hard timeout; on failure show its output."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kwargs.pop("env", env()), **kwargs)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

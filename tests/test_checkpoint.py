@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,7 +177,9 @@ def test_crashed_rank_then_resume_mid_epoch_save_every(setup: dict[str, Path], r
     crashed = run_job([*mpirun(2), *args(setup, out, "--save-every", "4")], timeout=600,
                       env=debug_env(debug, HVDFT_FAULT="rank=1,step=6,kind=raise"))
     assert crashed.returncode != 0, crashed.describe()
+    assert time.time() - last_event_time(debug) < 60
     assert "[rank 1] crashed: RuntimeError: HVDFT_FAULT" in crashed.output, crashed.describe()
+    assert re.search(r"Process name: \[\[\d+,\d+\],1\]\s+Exit code:\s+1", crashed.output), crashed.describe()
     ck = out / "checkpoints" / "checkpoint-4"
     p = trainer_state(ck)["progress"]
     assert (p["step"], p["epoch"], p["batch_in_epoch"]) == (4, 0, 4)  # mid-epoch: the sampler position
@@ -216,8 +219,10 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes(setup: dict[str, Path], r
     result = job.wait(120)
     assert time.time() - sent < 60
     assert result.returncode != 0, result.describe()
-    for rank in (0, 1):
-        assert f"Process {rank} exit with status code 130" in result.output, result.describe()
+    # horovodrun reports the ranks' statuses while it is itself terminating them, and
+    # may miss one; every status it reports must be 130, and it reports at least one.
+    statuses = re.findall(r"Process \d exit with status code (\d+)", result.output)
+    assert statuses and set(statuses) == {"130"}, result.describe()
     assert "interrupted by a signal at step 3; checkpoint written, continue with --resume" in result.output
     assert not (out / "model.safetensors").exists()
     p = trainer_state(out / "checkpoints" / "checkpoint-3")["progress"]
@@ -350,19 +355,25 @@ def test_loading_a_checkpoint_never_runs_pickled_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_remote_code_needs_trust_remote_code(tmp_path: Path) -> None:
+def test_remote_code_needs_trust_remote_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers.dynamic_module_utils as dynamic
     from transformers import AutoConfig
 
     from hvdft.config import TrainConfig
     from hvdft.errors import HvdftError
     from hvdft.train import _load
 
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not ~/.cache
     marker = tmp_path / "ran"
-    (tmp_path / "config.json").write_text(json.dumps(
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(
         {"model_type": "evil-bert", "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
-    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                      "from transformers import PretrainedConfig\n"
-                                      "class EvilConfig(PretrainedConfig):\n    model_type = 'evil-bert'\n")
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                   "from transformers import PretrainedConfig\n"
+                                   "class EvilConfig(PretrainedConfig):\n    model_type = 'evil-bert'\n")
     with pytest.raises(HvdftError, match="cannot load model"):
-        _load(AutoConfig.from_pretrained, str(tmp_path), TrainConfig(train_file="x", trust_remote_code=False))
+        _load(AutoConfig.from_pretrained, str(model), TrainConfig(train_file="x", trust_remote_code=False))
     assert not marker.exists()
+    config = _load(AutoConfig.from_pretrained, str(model), TrainConfig(train_file="x", trust_remote_code=True))
+    assert type(config).__name__ == "EvilConfig" and marker.exists()  # the flag is what allows it

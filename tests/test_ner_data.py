@@ -60,7 +60,8 @@ def test_crlf_and_bom(tmp_path: Path) -> None:
 
 
 def test_iob1_is_converted_to_iob2() -> None:
-    assert to_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-ORG"]
+    iob1 = ["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]
+    assert to_iob2(iob1) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-ORG"]
     assert to_iob2(["B-PER", "I-PER"]) == ["B-PER", "I-PER"]
     assert to_iob2(["S-PER", "O", "B-LOC", "E-LOC"]) == ["S-PER", "O", "B-LOC", "E-LOC"]  # IOBES untouched
 
