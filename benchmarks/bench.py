@@ -101,6 +101,24 @@ def make_random_bert(folder: Path) -> None:
     tmp.rename(folder)
 
 
+def cpu_busy_seconds() -> float | None:
+    """Seconds of CPU time all processes on this machine have used (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def load_average() -> float:
     try:
         return os.getloadavg()[0]
@@ -169,12 +187,16 @@ def run_row(row: str, a: argparse.Namespace, model: str, train_file: Path, seed:
         if a.no_cudnn_sdpa:
             cmd.append("--no-cudnn-sdpa")
     load = load_average()
+    busy0, mine0 = cpu_busy_seconds(), children_cpu_seconds()
     t = time.perf_counter()
     execute(cmd, env, workdir / "logs" / f"{tag}.log", a.timeout)
     wall = time.perf_counter() - t
+    busy1, mine1 = cpu_busy_seconds(), children_cpu_seconds()
+    # CPU cores that other processes (not this run) kept busy, on average, while it ran.
+    others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / wall if busy0 is not None and busy1 is not None else None
     records = [json.loads(p.read_text()) for p in sorted(profile.glob("rank*.json"))]
     summary = summarize(records, a.warmup, a.steps)
-    summary.update(row=row, seed=seed, command=cmd, wall_s=wall, load_before=load)
+    summary.update(row=row, seed=seed, command=cmd, wall_s=wall, load_before=load, other_cpu_cores=others)
     if row.startswith("hvdft"):
         results = json.loads((workdir / "out" / tag / "all_results.json").read_text())
         summary["hvdft_all_results"] = {k: results[k] for k in (
@@ -382,8 +404,11 @@ def table(report: dict[str, Any]) -> str:
                       f"{pre['cold_s']:.2f}s ({pre['cold_sentences_per_second']:,.0f} sentences/s), "
                       f"from the cache {pre['warm_s']:.2f}s ({pre['speedup']:.1f}x faster); "
                       f"reading the file {pre['read_s']:.2f}s"]
+    others = [r["other_cpu_cores"] for r in report["runs"] if r.get("other_cpu_cores") is not None]
     lines += ["", f"load average: {meta['load_start']:.2f} at start, {meta['load_end']:.2f} at end "
-                  f"({meta['cpu_count']} CPUs)"]
+                  f"({meta['cpu_count']} CPUs)" + (
+                      f"; other processes kept {statistics.fmean(others):.2f} cores busy on average during the "
+                      f"runs (worst run {max(others):.2f})" if others else "")]
     return "\n".join(lines)
 
 
@@ -464,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                 wait = f", wait {100 * s['comm_wait_fraction']:.0f}%" if s["comm_wait_fraction"] is not None else ""
                 print(f"  rep {rep} {row:8s} {s['tokens_per_second']:9,.0f} tokens/s  "
                       f"{s['sentences_per_second']:7,.1f} sent/s  pad {100 * s['padding_fraction']:4.1f}%{wait}  "
-                      f"(wall {s['wall_s']:.0f}s, load {s['load_before']:.2f})", flush=True)
+                      f"(wall {s['wall_s']:.0f}s, load {s['load_before']:.2f}, "
+                      f"others {s['other_cpu_cores'] or 0:.2f} cores)", flush=True)
         pre = None if a.no_preprocessing else preprocessing(train_file, model, workdir, a.timeout)
     except RunFailed as exc:
         print(f"bench: a run failed: {exc}\n(workdir kept: {workdir})", file=sys.stderr)

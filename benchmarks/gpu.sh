@@ -20,8 +20,12 @@
 # i.e. np=1 only (one GPU). bert-base-random = BertConfig() defaults (12 layers x 768,
 # 110M parameters) with random weights, written once: no model hub is reachable and
 # throughput does not depend on the weights' values. The cuDNN attention backend is turned
-# off in every run (torch.backends.cuda.enable_cudnn_sdp(False)); hvdft has no option for
-# it yet, so benchmarks/hvdft_profiled.py does it before hvdft's CLI starts.
+# off in every run (torch.backends.cuda.enable_cudnn_sdp(False)): in the plain and naive
+# loops by --no-cudnn-sdpa, in hvdft by benchmarks/hvdft_profiled.py before hvdft's CLI
+# starts (HVDFT_BENCH_NO_CUDNN_SDPA=1); an hvdft whose train.py has _configure_cuda()
+# already does it by default (HVDFT_CUDNN_SDPA=1 turns it back on), and also enables
+# TF32, which the plain loop does not (bf16 rows: little effect; the naive fp32 row
+# runs without TF32, as the naive recipe would).
 #
 # Data: $DATA (a folder with train.txt), else ../shared/data/conll2003 if this machine has
 # it, else the bundled WNUT-17. Env knobs: PY, DATA, OUT (default /tmp/hvdft-gpu), STEPS

@@ -89,3 +89,13 @@ def test_uneven_rows_from_windows_are_evened_cyclically() -> None:
 
 def test_shard_size() -> None:
     assert [shard_size(10, r, 3) for r in range(3)] == [4, 3, 3]
+
+
+def test_ranks_take_batches_of_similar_length_at_each_step() -> None:
+    # Step k pairs the k-th length-sorted batch of every rank: a rank with a short batch
+    # would otherwise wait in the allreduce for a rank with a long one.
+    ss = samplers(4000, 2, 16)
+    a, b = (s.batches(1) for s in ss)
+    longest = [(ss[0].lengths[x].max(), ss[1].lengths[y].max()) for x, y in zip(a, b, strict=True)]
+    gap = np.mean([abs(p - q) / max(p, q) for p, q in longest])
+    assert gap < 0.1, gap
