@@ -431,7 +431,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated subset of {','.join(ROWS)}.")
     p.add_argument("--no-cudnn-sdpa", action="store_true", help="Disable the cuDNN attention backend in every run.")
     p.add_argument("--hvdft-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="Extra environment for the hvdft runs (repeatable), e.g. HVDFT_BENCH_SAMPLER=aligned.")
+                   help="Extra environment for the hvdft runs (repeatable), e.g. HOROVOD_FUSION_THRESHOLD=67108864.")
     p.add_argument("--no-preprocessing", action="store_true", help="Skip the tokenization timing.")
     p.add_argument("--workdir", help="Runs, logs, cache [default: a temporary folder, removed at the end].")
     p.add_argument("--timeout", type=float, default=1800, help="Seconds per run.")

@@ -23,8 +23,7 @@ Env: HVDFT_BENCH_PROFILE (folder, required for a record), HVDFT_BENCH_WARMUP (st
 excluded from the figures: on CUDA the device is synchronised at the end of that step and
 of the last one, so the measured window holds all of its GPU work), HVDFT_BENCH_NO_CUDNN_SDPA=1
 (torch.backends.cuda.enable_cudnn_sdp(False) before anything runs; hvdft's own
-HVDFT_CUDNN_SDPA, when present, also keeps it off by default), HVDFT_BENCH_SAMPLER=aligned
-(an experiment: see _aligned_sampler).
+HVDFT_CUDNN_SDPA, when present, also keeps it off by default).
 """
 
 from __future__ import annotations
@@ -113,9 +112,6 @@ def _install() -> None:
 
     dist.wrap_optimizer = wrap_optimizer
 
-    if os.environ.get("HVDFT_BENCH_SAMPLER") == "aligned":
-        train_mod.DistributedBatchSampler = _aligned_sampler(train_mod.DistributedBatchSampler)
-
     real_train = train_mod.train
 
     def train(cfg):
@@ -134,34 +130,6 @@ def _install() -> None:
         return results
 
     train_mod.train = train
-
-
-def _aligned_sampler(base):
-    """EXPERIMENT (HVDFT_BENCH_SAMPLER=aligned): hvdft's sampler with one change: the batch
-    order after length grouping is shuffled with a rank-independent seed, so at step k all
-    ranks take the k-th batch of their own sorted mega-batches, of similar lengths."""
-    import numpy as np
-
-    class Aligned(base):
-        def batches(self, epoch):
-            rng = np.random.default_rng([self.seed, epoch, self.rank])
-            n = len(self.lengths)
-            order = rng.permutation(n) if self.shuffle else np.arange(n)
-            order = np.resize(order, self.per_rank)
-            if self.group_by_length:
-                mega = self.batch_size * self.mega_factor
-                chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
-                order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
-            batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-            if self.group_by_length and self.shuffle and len(batches) > 1:
-                shared = np.random.default_rng([self.seed, epoch])  # the same on every rank
-                batches = [batches[i] for i in shared.permutation(len(batches))]
-                # Longest first, as hvdft does, by a swap: only two positions lose alignment.
-                longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b]].max())
-                batches[0], batches[longest] = batches[longest], batches[0]
-            return batches
-
-    return Aligned
 
 
 if __name__ == "__main__":
