@@ -204,6 +204,8 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--save-every", type=int, default=0, show_default=True,
                      help="Checkpoint every N steps; 0 = every epoch."),
         click.option("--save-total-limit", type=int, default=2, show_default=True, help="Checkpoints kept."),
+        click.option("--overwrite-output-dir", is_flag=True,
+                     help="Start afresh in an --output-dir that holds an earlier run (its checkpoints are deleted)."),
         click.option("--resume", is_flag=False, flag_value="latest", default=None,
                      help="Continue from the latest checkpoint in --output-dir, or from PATH."),
         click.option("--max-steps", type=int, default=0, show_default=True, help="Stop after N steps; 0 = no limit."),

@@ -51,6 +51,7 @@ class TrainConfig:
     save_every: int = 0  # steps; 0 = once per epoch
     save_total_limit: int = 2
     resume: str | None = None
+    overwrite_output_dir: bool = False
     trust_remote_code: bool = False
     cache_dir: str | None = None
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)

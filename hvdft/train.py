@@ -48,7 +48,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     task = get_task(cfg.task)
     output_dir = Path(cfg.output_dir)
     _configure_cuda(device)
-    dist.agree(lambda: _check_output_dir(output_dir, resuming=bool(cfg.resume)))
+    dist.agree(lambda: _check_output_dir(output_dir, bool(cfg.resume), cfg.overwrite_output_dir))
     stop = _StopFlag()
 
     # ---- data: each rank reads and tokenizes only its own shard --------------------------
@@ -360,7 +360,7 @@ def _configure_cuda(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def _check_output_dir(output_dir: Path, resuming: bool = False) -> None:
+def _check_output_dir(output_dir: Path, resuming: bool = False, overwrite: bool = False) -> None:
     if not dist.is_main():
         return
     try:
@@ -372,9 +372,12 @@ def _check_output_dir(output_dir: Path, resuming: bool = False) -> None:
         raise HvdftError(f"output directory is not writable: {exc.strerror}", output_dir) from None
     # A new run's checkpoints would mix with the old ones: pruning and --resume go by
     # step number and would pick the other run's.
+    if overwrite and not resuming:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     if not resuming and list_checkpoints(output_dir / "checkpoints"):
         raise HvdftError("holds checkpoints of an earlier run: continue it with --resume, "
-                         "or give another --output-dir", output_dir)
+                         "give another --output-dir, or --overwrite-output-dir", output_dir)
 
 
 def _warn_unseen_labels(task: Any, split: Any, label2id: dict[str, int]) -> None:
