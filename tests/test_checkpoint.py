@@ -149,9 +149,14 @@ def test_reference_run_writes_complete_checkpoints(setup: dict[str, Path], refer
     assert len(p["history"]) == 1 and "eval_f1" in p["history"][0]
     run = json.loads((ck / "hvdft_run.json").read_text())
     assert run["world_size"] == 2 and run["config"]["batch_size"] == 4 and run["labels"][0] == "O"
-    # the weights in the checkpoint are the ones trained up to that step
-    weights = load_tensors(ck)
-    assert any(not torch.equal(weights[k], load_tensors(out)[k]) for k in weights)
+    # the weights in the checkpoint are the ones trained up to that step, not later ones
+    weights, last = load_tensors(ck), load_tensors(root / f"checkpoint-{TOTAL}")
+    assert any(not torch.equal(weights[k], last[k]) for k in weights)
+    # and the output folder holds the best model, whichever epoch it came from
+    best, final = load_tensors(root / "best"), load_tensors(out)
+    assert all(torch.equal(best[k], final[k]) for k in best)
+    assert any(all(torch.equal(load_tensors(root / c)[k], final[k]) for k in final)
+               for c in (f"checkpoint-{STEPS_PER_EPOCH}", f"checkpoint-{TOTAL}"))
 
 
 @pytest.mark.slow
