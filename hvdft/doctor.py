@@ -18,6 +18,7 @@ def versions() -> tuple[dict[str, str], list[str]]:
     """(name -> version or detail, problems)."""
     info: dict[str, str] = {"python": platform.python_version(), "platform": platform.platform()}
     problems: list[str] = []
+    torch_has_cuda = False
     for name in ("torch", "transformers", "datasets", "tokenizers", "horovod", "mpi4py", "seqeval"):
         try:
             info[name] = md.version(name)
@@ -27,6 +28,7 @@ def versions() -> tuple[dict[str, str], list[str]]:
     try:
         import torch
 
+        torch_has_cuda = bool(torch.version.cuda)
         info["torch.cuda"] = torch.version.cuda or "none (CPU build)"
         if torch.cuda.is_available():
             info["gpus"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
@@ -41,7 +43,7 @@ def versions() -> tuple[dict[str, str], list[str]]:
         for need in ("mpi", "gloo"):
             if not built[need]:
                 problems.append(f"Horovod was built without {need.upper()} (rerun ./install.sh)")
-        if info.get("torch.cuda", "").startswith("none") is False and not built["nccl"]:
+        if torch_has_cuda and not built["nccl"]:
             problems.append("torch has CUDA but Horovod was built without NCCL (./install.sh --cuda ...)")
     except ImportError as exc:
         problems.append(f"horovod.torch does not import: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -235,20 +236,26 @@ class ClassifyTask(Task):
         return metrics, format_report(metrics, per_class, classes, matrix, len(gold))
 
     def write_predictions(self, path, examples, predictions):
-        pairs = any(ex.get("text_pair") is not None for ex in examples)
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write("text\t" + ("text_pair\t" if pairs else "") + "gold\tpredicted\tprobability\n")
-            for ex, (label, prob) in zip(examples, predictions, strict=True):
-                pair = escape(ex.get("text_pair") or "") + "\t" if pairs else ""
-                f.write(f"{escape(ex['text'])}\t{pair}{escape(ex['label'])}\t{escape(label)}\t{prob:.6f}\n")
+        _write_tsv(path, examples, predictions, with_gold=True)
 
     def write_unlabelled_predictions(self, path, examples, predictions):
-        pairs = any(ex.get("text_pair") is not None for ex in examples)
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write("text\t" + ("text_pair\t" if pairs else "") + "predicted\tprobability\n")
-            for ex, (label, prob) in zip(examples, predictions, strict=True):
-                pair = escape(ex.get("text_pair") or "") + "\t" if pairs else ""
-                f.write(f"{escape(ex['text'])}\t{pair}{escape(label)}\t{prob:.6f}\n")
+        _write_tsv(path, examples, predictions, with_gold=False)
+
+
+def _write_tsv(path: Path, examples: list[dict[str, Any]], predictions: list[Any], with_gold: bool) -> None:
+    """text [text_pair] [gold] predicted probability, one row per example in input order."""
+    pairs = any(ex.get("text_pair") is not None for ex in examples)
+    columns = ["text"] + ["text_pair"] * pairs + ["gold"] * with_gold + ["predicted", "probability"]
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("\t".join(columns) + "\n")
+        for ex, (label, prob) in zip(examples, predictions, strict=True):
+            cells = [escape(ex["text"])]
+            if pairs:
+                cells.append(escape(ex.get("text_pair") or ""))
+            if with_gold:
+                cells.append(escape(ex["label"]))
+            cells += [escape(label), f"{prob:.6f}"]
+            f.write("\t".join(cells) + "\n")
 
 
 # ----------------------------------------------------------------------------- scoring
