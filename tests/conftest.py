@@ -35,6 +35,23 @@ def run(cmd: list[str], timeout: float = 300, check: bool = True, **kwargs) -> s
     return proc
 
 
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    """A test input file with exactly these bytes (str is written as UTF-8)."""
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The offline MiniLM's fast WordPiece tokenizer."""
+    from transformers import AutoTokenizer
+
+    from hvdft.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("minilm"), use_fast=True)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -11,27 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HOROVODRUN, HVDFT, MPIRUN, run
-from transformers import AutoTokenizer
+from conftest import HOROVODRUN, HVDFT, MPIRUN, run, write
 
 from hvdft.data.files import find_split_files
 from hvdft.errors import HvdftError
-from hvdft.models import resolve_model
 from hvdft.tasks import get_task
 from hvdft.tasks.classify import ClassifyTask, classification_scores, escape
 
 TASK = ClassifyTask()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("minilm"), use_fast=True)
-
-
-def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
-    p = tmp_path / name
-    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
-    return p
 
 
 def read(path: Path, rank: int = 0, world: int = 1, **opts):
@@ -421,7 +408,6 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from hvdft import dist
 from hvdft.data.prepare import tokenize
 from hvdft.evaluate import evaluate
-from hvdft.models import resolve_model
 from hvdft.tasks.classify import ClassifyTask
 
 dist.init()

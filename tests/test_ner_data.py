@@ -6,25 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from conftest import write
 
 from hvdft.data.files import read_lines
 from hvdft.errors import HvdftError
-from hvdft.models import resolve_model
 from hvdft.tasks.ner import NerTask, parse_conll, special_frame, to_iob2
 
 TASK = NerTask()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model("minilm"), use_fast=True)
-
-
-def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
-    p = tmp_path / name
-    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
-    return p
 
 
 def read(path: Path, rank: int = 0, world: int = 1):
