@@ -408,6 +408,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from hvdft import dist
 from hvdft.data.prepare import tokenize
 from hvdft.evaluate import evaluate
+from hvdft.models import resolve_model
 from hvdft.tasks.classify import ClassifyTask
 
 dist.init()
