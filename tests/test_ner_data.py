@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from conftest import write
 
-from hvdft.data.files import read_lines
+from hvdft.data.files import Shard, read_lines
 from hvdft.errors import HvdftError
-from hvdft.tasks.ner import NerTask, parse_conll, special_frame, to_iob2
+from hvdft.tasks.ner import NerOptions, NerTask, parse_conll, special_frame, to_iob2
 
 TASK = NerTask()
 
 
 def read(path: Path, rank: int = 0, world: int = 1):
-    return TASK.read(str(path), "train", rank, world, {})
+    return TASK.read(str(path), "train", Shard(rank, world))
 
 
 def test_columns_spaces_tabs_and_docstart(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_jsonl_and_csv(tmp_path: Path) -> None:
     j = write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
     assert [e["words"] for e in read(j).examples] == [["New", "York"], ["hi"]]
     c = write(tmp_path, "d.csv", 'words,tags\n"New York","B-LOC I-LOC"\nhi,O\n')
-    split = TASK.read(str(c), "train", 0, 1, {"text_column": "words", "label_column": "tags"})
+    split = NerTask(NerOptions(text_column="words", label_column="tags")).read(str(c), "train", Shard())
     assert split.examples[0]["tags"] == ["B-LOC", "I-LOC"]
     with pytest.raises(HvdftError, match=r"d\.csv:2: no column 'tokens'"):
         read(c)
@@ -103,7 +103,7 @@ def test_jsonl_and_csv(tmp_path: Path) -> None:
 def featurize(tokenizer, examples, label2id, max_length=64, label_all=False):
     batch = {"words": [e["words"] for e in examples], "tags": [e["tags"] for e in examples],
              "example": list(range(len(examples)))}
-    return TASK.featurize(batch, tokenizer, label2id, {"max_length": max_length, "label_all_tokens": label_all})
+    return NerTask(NerOptions(label_all_tokens=label_all)).featurize(batch, tokenizer, label2id, max_length)
 
 
 LABELS = {"O": 0, "B-PER": 1, "I-PER": 2}
@@ -155,7 +155,7 @@ def test_real_corpora_parse_with_published_counts(shared_data: Path) -> None:
         got = tuple(read(shared_data / name / f"{s}.txt").total for s in ("train", "valid", "test"))
         assert got == counts, name
     lines = read_lines(shared_data / "conll2003" / "train.txt")
-    total, ids, examples = parse_conll(lines, "train.txt", 1, 3)
+    total, ids, examples = parse_conll(lines, "train.txt", Shard(1, 3))
     assert total == 14041 and ids[:3] == [1, 4, 7] and len(examples) == len(range(1, 14041, 3))
 
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hvdft.data.files import Split, file_format, iter_table_rows, owns, read_lines
+from hvdft.config import option
+from hvdft.data.files import Shard, Split, file_format, hub_rows, read_lines, require_columns
 from hvdft.errors import HvdftError
 from hvdft.tasks.base import Task
 
+WHOLE_FILE = Shard()  # one process reads every example
 TAG = re.compile(r"^(O|[BIES]-\S.*)$")
 COLUMNS = re.compile(r"[ \t]+")  # not str.split(): U+00A0 or U+3000 can be a word
 
 
 def parse_conll(
-    lines: list[str], path: str | Path, rank: int = 0, world: int = 1
+    lines: list[str], path: str | Path, shard: Shard = WHOLE_FILE
 ) -> tuple[int, list[int], list[dict[str, Any]]]:
     """(total sentences, owned global ids, owned examples) of a CoNLL file.
 
@@ -32,7 +35,7 @@ def parse_conll(
         nonlocal total, start
         if start is None:
             return
-        if owns(total, rank, world):
+        if shard.owns(total):
             ids.append(total)
             examples.append(_parse_sentence(lines, start, end, path))
         total += 1
@@ -106,82 +109,72 @@ def _as_list(value: Any, path: str | Path, line: int, column: str) -> list:
     raise HvdftError(f"column '{column}' must be a list or a space-separated string", path, line)
 
 
+@dataclass
+class NerOptions:
+    text_column: str = option("tokens", "Column with the words in JSON/CSV data (a list, a JSON list or a "
+                              "space-separated string).")
+    label_column: str = option("ner_tags", "Column with the tags in JSON/CSV data.")
+    label_all_tokens: bool = option(False, "Label every sub-word (B-X continues as I-X), not only the first.",
+                                    must_match=True)
+
+
 class NerTask(Task):
+    """Token classification (NER) on CoNLL, JSON-lines or CSV data.
+
+    Every word is predicted and scored, also in sentences longer than --max-length
+    (they are split into windows). Writes the best model, eval/test reports
+    (seqeval, entity level), test_predictions.conll and all_results.json.
+    """
+
     name = "ner"
     pipeline = "token-classification"
     metric_names = ("f1",)
     default_metric = "f1"
+    Options = NerOptions
     predictions_suffix = ".conll"
 
     # ------------------------------------------------------------------ reading
-    def read(self, source: str, split: str, rank: int, world: int, opts: dict[str, Any]) -> Split:
-        fmt = file_format(source)
-        if fmt == "conll":
-            total, ids, examples = parse_conll(read_lines(source, opts.get("encoding", "utf-8")), source, rank, world)
+    def read(self, source: str, split: str, shard: Shard) -> Split:
+        if file_format(source) == "conll":
+            total, ids, examples = parse_conll(read_lines(source, self.encoding), source, shard)
+            result = Split(split, source, total, ids, examples)
         else:
-            total, ids, examples = self._read_table(source, fmt, rank, world, opts)
-        if total == 0:
+            result = self.read_table(source, split, shard)
+        if result.total == 0:
             raise HvdftError("no sentences in file", source)
-        return Split(split, source, total, ids, examples)
+        return result
 
-    def _read_table(self, source: str, fmt: str, rank: int, world: int, opts: dict[str, Any]):
-        text_col = opts.get("text_column") or "tokens"
-        label_col = opts.get("label_column") or "ner_tags"
-        total, ids, examples = 0, [], []
-        for line, row in iter_table_rows(source, fmt, opts.get("encoding", "utf-8")):
-            if owns(total, rank, world):
-                for col in (text_col, label_col):
-                    if col not in row:
-                        raise HvdftError(
-                            f"no column '{col}' (columns: {', '.join(row)}); "
-                            "use --text-column / --label-column",
-                            source,
-                            line,
-                        )
-                words = [str(w) for w in _as_list(row[text_col], source, line, text_col)]
-                tags = _as_list(row[label_col], source, line, label_col)
-                if any(not isinstance(t, str) for t in tags):
-                    raise HvdftError(
-                        f"column '{label_col}' holds integer tags but a local file has no "
-                        "label names: write the tag strings (B-PER, O, ...)",
-                        source,
-                        line,
-                    )
-                if len(words) != len(tags):
-                    raise HvdftError(
-                        f"{len(words)} tokens but {len(tags)} tags", source, line
-                    )
-                for t in tags:
-                    if not TAG.match(t):
-                        raise HvdftError(
-                            f"tag '{t}' is neither 'O' nor B-/I-/E-/S- prefixed", source, line
-                        )
-                if words:
-                    ids.append(total)
-                    examples.append({"words": words, "tags": to_iob2(tags), "line": line})
-            total += 1
-        return total, ids, examples
+    def example_from_row(self, row: dict[str, Any], source: str, line: int | None, index: int) -> dict | None:
+        text_col, label_col = self.options.text_column, self.options.label_column
+        require_columns(list(row), [(text_col, "--text-column"), (label_col, "--label-column")], source, line)
+        words = [str(w) for w in _as_list(row[text_col], source, line, text_col)]
+        tags = _as_list(row[label_col], source, line, label_col)
+        if any(not isinstance(t, str) for t in tags):
+            raise HvdftError(
+                f"column '{label_col}' holds integer tags but a local file has no "
+                "label names: write the tag strings (B-PER, O, ...)",
+                source,
+                line,
+            )
+        if len(words) != len(tags):
+            raise HvdftError(f"{len(words)} tokens but {len(tags)} tags", source, line)
+        for t in tags:
+            if not TAG.match(t):
+                raise HvdftError(f"tag '{t}' is neither 'O' nor B-/I-/E-/S- prefixed", source, line)
+        return {"words": words, "tags": to_iob2(tags), "line": line} if words else None
 
-    def read_unlabelled(self, source: str, rank: int, world: int, opts: dict[str, Any]) -> Split:
+    def read_unlabelled(self, source: str, shard: Shard) -> Split:
         """A CoNLL file (tags ignored) or plain text, one whitespace-tokenized sentence per line."""
-        lines = read_lines(source, opts.get("encoding", "utf-8"))
-        if file_format(source) == "conll" and _looks_like_conll(lines):
-            total, ids, examples = parse_conll(lines, source, rank, world)
-        elif file_format(source) != "conll":
-            total, ids, examples = self._read_table(source, file_format(source), rank, world, opts)
+        if file_format(source) != "conll":
+            result = self.read_table(source, "predict", shard)
+        elif _looks_like_conll(lines := read_lines(source, self.encoding)):
+            result = Split("predict", source, *parse_conll(lines, source, shard))
         else:
-            total, ids, examples = 0, [], []
-            for number, line in enumerate(lines, 1):
-                words = line.split()
-                if not words:
-                    continue
-                if owns(total, rank, world):
-                    ids.append(total)
-                    examples.append({"words": words, "tags": ["O"] * len(words), "line": number})
-                total += 1
-        if total == 0:
+            result = self.read_text_lines(source, shard, lambda text, number: {
+                "words": text.split(), "tags": ["O"] * len(text.split()), "line": number})
+        if result.total == 0:
             raise HvdftError("nothing to predict: the file has no sentences", source)
-        return Split("predict", source, total, ids, examples)
+        return result
 
     def write_unlabelled_predictions(self, path, examples, predictions):
         with open(path, "w", encoding="utf-8") as f:
@@ -189,21 +182,18 @@ class NerTask(Task):
                 f.writelines(f"{word} {p}\n" for word, p in zip(ex["words"], pred, strict=True))
                 f.write("\n")
 
-    def read_hub(self, dataset: Any, split: str, rank: int, world: int, opts: dict[str, Any]) -> Split:
-        text_col = opts.get("text_column") or "tokens"
-        label_col = opts.get("label_column") or "ner_tags"
+    def read_hub(self, dataset: Any, split: str, shard: Shard, name: str) -> Split:
+        text_col, label_col = self.options.text_column, self.options.label_column
+        require_columns(list(dataset.column_names), [(text_col, "--text-column"), (label_col, "--label-column")],
+                        f"{name}[{split}]", None)
         feature = dataset.features[label_col]
         names = getattr(getattr(feature, "feature", None), "names", None)
-        shard = dataset.shard(num_shards=world, index=rank, contiguous=False)
-        examples = []
-        for row in shard:
+        ids, examples = [], []
+        for gid, row in hub_rows(dataset, shard):
             tags = [names[t] if names and isinstance(t, int) else str(t) for t in row[label_col]]
+            ids.append(gid)
             examples.append({"words": list(row[text_col]), "tags": to_iob2(tags), "line": None})
-        ids = list(range(rank, len(dataset), world))
-        return Split(split, opts.get("dataset", "hub"), len(dataset), ids, examples)
-
-    def labels(self, split: Split) -> set[str]:
-        return set(self.labels_of_examples(split.examples))
+        return Split(split, name, len(dataset), ids, examples)
 
     def labels_of_examples(self, examples: list[dict[str, Any]]) -> list[str]:
         return [t for ex in examples for t in ex["tags"]]
@@ -220,15 +210,14 @@ class NerTask(Task):
         return AutoModelForTokenClassification
 
     # ------------------------------------------------------------------ features
-    def featurize(self, batch, tokenizer, label2id, opts):
+    def featurize(self, batch, tokenizer, label2id, max_length):
         """Sub-word alignment with windows: every word gets a first sub-word in some row.
 
         Words the tokenizer reduces to nothing (U+FE0F, control characters) are fed as
         the unknown token so they still get a prediction. Sentences longer than
         `max_length` are cut into consecutive windows at word boundaries.
         """
-        max_length = opts["max_length"]
-        label_all = opts.get("label_all_tokens", False)
+        label_all = self.options.label_all_tokens
         prefix, suffix = special_frame(tokenizer)
         budget = max_length - len(prefix) - len(suffix)
         out: dict[str, list] = {"input_ids": [], "labels": [], "word_index": [], "example": [], "length": []}
@@ -268,8 +257,8 @@ class NerTask(Task):
         return out
 
     # ------------------------------------------------------------------ predictions
-    def predictions(self, rows, logits):
-        best = logits.argmax(-1).cpu().tolist()
+    def predictions(self, rows, outputs, batch, model):
+        best = outputs.logits.argmax(-1).cpu().tolist()
         result = []
         for row, pred in zip(rows, best, strict=True):
             result.append([(w, p) for w, p in zip(row["word_index"], pred, strict=False) if w >= 0])
@@ -298,8 +287,10 @@ class NerTask(Task):
         report = classification_report(gold, predictions, digits=4, **kwargs)
         return metrics, report
 
-    def write_predictions(self, path, examples, predictions):
-        with open(path, "w", encoding="utf-8") as f:
+    def write_predictions(self, folder, prefix, examples, predictions):
+        if prefix not in self.predictions_for:
+            return
+        with open(folder / f"{prefix}_predictions{self.predictions_suffix}", "w", encoding="utf-8") as f:
             for ex, pred in zip(examples, predictions, strict=True):
                 for word, gold, p in zip(ex["words"], ex["tags"], pred, strict=True):
                     f.write(f"{word} {gold} {p}\n")
