@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,37 @@ def test_long_sentences_are_windowed_not_truncated(tokenizer) -> None:
     pieces = [[(w, LABELS[tags[w]]) for w in row if w >= 0] for row in out["word_index"]]
     merged = TASK.merge({"words": words}, pieces, {v: k for k, v in LABELS.items()})
     assert merged == tags
+
+
+def _capture_transformers_warnings():
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    return records, handler
+
+
+def test_no_false_sequence_length_warning() -> None:
+    from transformers import AutoTokenizer
+
+    from hvdft.models import resolve_model
+
+    words = [f"word{i}" for i in range(600)]  # about 1,800 sub-words, model limit 512
+    records, handler = _capture_transformers_warnings()
+    try:
+        fresh = AutoTokenizer.from_pretrained(resolve_model("minilm"), use_fast=True)  # it warns once per instance
+        out = featurize(fresh, [{"words": words, "tags": ["O"] * 600}], {"O": 0}, max_length=128)
+        assert len(out["input_ids"]) > 10 and max(len(r) for r in out["input_ids"]) <= 128
+        assert not [r for r in records if "sequence length is longer" in r.getMessage()]
+        # the same tokenizer still warns where a sequence really is too long (the check can fail)
+        fresh([words], is_split_into_words=True)
+        assert [r for r in records if "sequence length is longer" in r.getMessage()]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
 
 
 def test_special_frame_is_cls_sep(tokenizer) -> None:

@@ -233,13 +233,16 @@ class NerTask(Task):
         budget = max_length - len(prefix) - len(suffix)
         out: dict[str, list] = {"input_ids": [], "labels": [], "word_index": [], "example": [], "length": []}
         words_batch = batch["words"]
-        enc = tokenizer(words_batch, is_split_into_words=True, add_special_tokens=False)
+        # verbose=False: whole sentences are tokenized here and windowed below, so
+        # transformers' "sequence length is longer than the specified maximum ... will
+        # result in indexing errors" would be false (it is the only warning this call has).
+        enc = tokenizer(words_batch, is_split_into_words=True, add_special_tokens=False, verbose=False)
         for b, words in enumerate(words_batch):
             ids, word_ids = enc["input_ids"][b], enc.word_ids(b)
             present = set(word_ids)
             if len(present) < len(words):
                 patched = [w if i in present else tokenizer.unk_token for i, w in enumerate(words)]
-                one = tokenizer([patched], is_split_into_words=True, add_special_tokens=False)
+                one = tokenizer([patched], is_split_into_words=True, add_special_tokens=False, verbose=False)
                 ids, word_ids = one["input_ids"][0], one.word_ids(0)
             pieces: list[list[int]] = [[] for _ in words]
             for tok, w in zip(ids, word_ids, strict=True):
