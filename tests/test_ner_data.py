@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ def test_columns_spaces_tabs_and_docstart(tmp_path: Path) -> None:
     assert [e["words"] for e in split.examples] == [["EU", "rejects"], ["Peter", "Blackburn"], ["Berlin"]]
     assert [e["tags"] for e in split.examples] == [["B-ORG", "O"], ["B-PER", "I-PER"], ["B-LOC"]]
     assert [e["line"] for e in split.examples] == [3, 7, 10]
+    assert [e["scheme"] for e in split.examples] == ["IOB2"] * 3
 
 
 def test_wnut_style_single_tab_breaks_and_odd_unicode(tmp_path: Path) -> None:
@@ -48,11 +50,13 @@ def test_crlf_and_bom(tmp_path: Path) -> None:
     assert split.examples[0]["tags"] == ["O", "B-X"]
 
 
-def test_iob1_is_converted_to_iob2() -> None:
+def test_every_scheme_is_converted_to_internal_iob2() -> None:
     iob1 = ["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]
     assert to_iob2(iob1) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-ORG"]
     assert to_iob2(["B-PER", "I-PER"]) == ["B-PER", "I-PER"]
-    assert to_iob2(["S-PER", "O", "B-LOC", "E-LOC"]) == ["S-PER", "O", "B-LOC", "E-LOC"]  # IOBES untouched
+    assert to_iob2(["S-PER", "O", "B-LOC", "E-LOC"]) == ["B-PER", "O", "B-LOC", "I-LOC"]
+    assert to_iob2(["U-ORG", "U-ORG", "B-LOC", "I-LOC", "L-LOC"]) == ["B-ORG", "B-ORG", "B-LOC", "I-LOC", "I-LOC"]
+    assert to_iob2(["B", "I", "O", "I"]) == ["B-ENTITY", "I-ENTITY", "O", "B-ENTITY"]
 
 
 def test_missing_tag_column_names_file_and_line(tmp_path: Path) -> None:
@@ -62,8 +66,13 @@ def test_missing_tag_column_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_unknown_tag_scheme_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(HvdftError, match=r"x\.txt:2: tag 'PER' is neither"):
+    accepted = re.escape(": hvdft reads O with B-/I- (IOB1, IOB2), B-/I-/E-/S- (IOBES) or B-/I-/L-/U- (BILUO) tags, "
+                         "typed (B-PER) or untyped (B)")
+    with pytest.raises(HvdftError, match=r"^\S*x\.txt:2: tag 'PER' fits no tag scheme" + accepted + "$"):
         read(write(tmp_path, "x.txt", "A O\nB PER\n"))
+    with pytest.raises(HvdftError, match=r"j\.jsonl:2: tag 'b-PER' fits no tag scheme"):
+        read(write(tmp_path, "j.jsonl",
+                   '{"tokens": ["a"], "ner_tags": ["O"]}\n{"tokens": ["b"], "ner_tags": ["b-PER"]}\n'))
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,6 @@ from hvdft.data.files import Split, file_format, iter_table_rows, owns, read_lin
 from hvdft.errors import HvdftError
 from hvdft.tasks.base import Task
 
-TAG = re.compile(r"^(O|[BIES]-\S.*)$")
 COLUMNS = re.compile(r"[ \t]+")  # not str.split(): U+00A0 or U+3000 can be a word
 
 
@@ -22,7 +23,8 @@ def parse_conll(
 
     The word is the first column and the tag the last; blank or whitespace-only lines end
     a sentence; `-DOCSTART-` lines mark documents. Only this rank's sentences are parsed
-    and validated: the others are counted.
+    and validated: the others are counted. The tag scheme is decided from the tag column
+    of the whole file (every rank decides alike).
     """
     total, ids, examples = 0, [], []
     start: int | None = None  # 0-based line index where the current sentence began
@@ -48,6 +50,7 @@ def parse_conll(
                 start = i
             end = i + 1
     flush()
+    apply_scheme(examples, detect_scheme(conll_tag_sentences(lines), path))
     return total, ids, examples
 
 
@@ -61,33 +64,11 @@ def _parse_sentence(lines: list[str], start: int, end: int, path: str | Path) ->
                 path,
                 i + 1,
             )
-        tag = cols[-1]
-        if not TAG.match(tag):
-            raise HvdftError(
-                f"tag '{tag}' is neither 'O' nor B-/I-/E-/S- prefixed "
-                "(hvdft reads IOB1, IOB2 and IOBES tags)",
-                path,
-                i + 1,
-            )
-        words.append(cols[0])
+        word, tag = cols[0], cols[-1]
+        check_tag(tag, path, i + 1)
+        words.append(word)
         tags.append(tag)
-    return {"words": words, "tags": to_iob2(tags), "line": start + 1}
-
-
-def to_iob2(tags: list[str]) -> list[str]:
-    """IOB1 -> IOB2: an I-X that does not continue an X entity starts one (B-X).
-
-    Valid IOB2 is unchanged, and so is IOBES (E-/S- tags mark it).
-    """
-    if any(t[:2] in ("E-", "S-") for t in tags):
-        return tags
-    out = list(tags)
-    for i, tag in enumerate(tags):
-        if tag.startswith("I-"):
-            prev = out[i - 1] if i else "O"
-            if prev == "O" or prev[2:] != tag[2:]:
-                out[i] = "B-" + tag[2:]
-    return out
+    return {"words": words, "tags": to_iob2(tags), "given": tags, "line": start + 1}
 
 
 def _as_list(value: Any, path: str | Path, line: int, column: str) -> list:
@@ -152,14 +133,13 @@ class NerTask(Task):
                         f"{len(words)} tokens but {len(tags)} tags", source, line
                     )
                 for t in tags:
-                    if not TAG.match(t):
-                        raise HvdftError(
-                            f"tag '{t}' is neither 'O' nor B-/I-/E-/S- prefixed", source, line
-                        )
+                    check_tag(t, source, line)
                 if words:
                     ids.append(total)
-                    examples.append({"words": words, "tags": to_iob2(tags), "line": line})
+                    examples.append({"words": words, "tags": to_iob2(tags), "given": tags, "line": line})
             total += 1
+        encoding = opts.get("encoding", "utf-8")
+        apply_scheme(examples, detect_scheme(table_tag_sentences(source, fmt, encoding, label_col), source))
         return total, ids, examples
 
     def read_unlabelled(self, source: str, rank: int, world: int, opts: dict[str, Any]) -> Split:
@@ -198,7 +178,12 @@ class NerTask(Task):
         examples = []
         for row in shard:
             tags = [names[t] if names and isinstance(t, int) else str(t) for t in row[label_col]]
-            examples.append({"words": list(row[text_col]), "tags": to_iob2(tags), "line": None})
+            for t in tags:
+                check_tag(t, opts.get("dataset", "hub"), None)
+            examples.append({"words": list(row[text_col]), "tags": to_iob2(tags), "given": tags, "line": None})
+        all_tags = ([(None, names[t] if names and isinstance(t, int) else str(t)) for t in row]
+                    for row in dataset[label_col])
+        apply_scheme(examples, detect_scheme(all_tags, opts.get("dataset", "hub")))
         ids = list(range(rank, len(dataset), world))
         return Split(split, opts.get("dataset", "hub"), len(dataset), ids, examples)
 
@@ -210,7 +195,7 @@ class NerTask(Task):
 
     def sort_labels(self, labels: set[str]) -> list[str]:
         # "O" first, then by entity type and B before I: readable id2label in the config.
-        order = {"B": 0, "I": 1, "E": 2, "S": 3}
+        order = {"B": 0, "I": 1, "E": 2, "S": 3, "L": 4, "U": 5}
         rest = sorted((t for t in labels if t != "O"), key=lambda t: (t[2:], order.get(t[0], 9)))
         return ["O"] + rest
 
@@ -283,28 +268,23 @@ class NerTask(Task):
         for piece in pieces:
             for w, p in piece:
                 tags[w] = id2label[p]
-        return tags
+        # The model's labels are IOB2 (or an older model's IOBES): the prediction is
+        # returned in the example's own scheme, as it is written and scored.
+        return TagScheme.of(example).encode(tags)
 
     def score(self, examples, predictions):
-        from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
-
-        gold = [ex["tags"] for ex in examples]
-        kwargs = {"zero_division": 0}
-        metrics = {
-            "precision": precision_score(gold, predictions, **kwargs),
-            "recall": recall_score(gold, predictions, **kwargs),
-            "f1": f1_score(gold, predictions, **kwargs),
-            "f1_macro": f1_score(gold, predictions, average="macro", **kwargs),
-            "accuracy": _token_accuracy(gold, predictions),
-            "sentences": float(len(gold)),
-        }
-        report = classification_report(gold, predictions, digits=4, **kwargs)
-        return metrics, report
+        """seqeval in strict mode with the scheme of the examples' file (see score_tags)."""
+        schemes = {TagScheme.of(ex) for ex in examples}
+        # One file, one scheme; should a split ever mix files, entities are scored in IOB2.
+        scheme = schemes.pop() if len(schemes) == 1 else TagScheme()
+        gold = [scheme.encode(ex["tags"], bare=False) for ex in examples]
+        pred = [scheme.encode(p, bare=False) for p in predictions]
+        return score_tags(gold, pred, scheme)
 
     def write_predictions(self, path, examples, predictions):
         with open(path, "w", encoding="utf-8") as f:
             for ex, pred in zip(examples, predictions, strict=True):
-                for word, gold, p in zip(ex["words"], ex["tags"], pred, strict=True):
+                for word, gold, p in zip(ex["words"], ex.get("given", ex["tags"]), pred, strict=True):
                     f.write(f"{word} {gold} {p}\n")
                 f.write("\n")
 
@@ -322,7 +302,7 @@ def _looks_like_conll(lines: list[str]) -> bool:
     """Every non-blank line is 'word ... TAG' (else: plain text, a sentence per line)."""
     content = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("-DOCSTART-")]
     return bool(content) and all(
-        len(cols := COLUMNS.split(ln.strip(" \t\r"))) >= 2 and TAG.match(cols[-1]) for ln in content
+        len(cols := COLUMNS.split(ln.strip(" \t\r"))) >= 2 and parse_tag(cols[-1]) is not None for ln in content
     )
 
 
@@ -338,7 +318,268 @@ def _windows(lengths: list[int], budget: int) -> list[tuple[int, int]]:
     return spans
 
 
-def _token_accuracy(gold: list[list[str]], pred: list[list[str]]) -> float:
+# ---------------------------------------------------------------------------- tag schemes
+#
+# Every scheme is read into one internal scheme, typed IOB2 (B-X, I-X, O): the model's
+# label set, what training sees, and what `transformers.pipeline("token-classification",
+# aggregation_strategy=...)` understands (it groups B-/I- labels only: a U-ORG or L-ORG
+# label would become an entity group of its own). Predictions are converted back to the
+# scheme of the file they belong to, written in it and scored with seqeval in strict mode
+# with the matching scheme class. Untyped tags (B, I, O) get the type UNTYPED inside.
+
+SCHEMES = ("IOB1", "IOB2", "IOBES", "BILUO")
+UNTYPED = "ENTITY"  # the entity type of untyped tags (B, I, O): label B-ENTITY, report row ENTITY
+ACCEPTED_TAGS = (
+    "hvdft reads O with B-/I- (IOB1, IOB2), B-/I-/E-/S- (IOBES) or B-/I-/L-/U- (BILUO) tags, "
+    "typed (B-PER) or untyped (B)"
+)
+_TAG = re.compile(r"([BIESLU])(?:-(\S.*))?")  # '.' stops at a newline: such a tag is refused
+_STARTS = frozenset("BSU")  # a B-, S- or U- tag always begins an entity
+_ENDS = frozenset("ESLU")  # an E-, S-, L- or U- tag always ends one
+_SINGLE = {"IOB1": "I", "IOB2": "B", "IOBES": "S", "BILUO": "U"}  # one-token entity
+_FIRST = {"IOB1": "I", "IOB2": "B", "IOBES": "B", "BILUO": "B"}
+_LAST = {"IOB1": "I", "IOB2": "I", "IOBES": "E", "BILUO": "L"}
+
+Entity = tuple[str | None, int, int]  # (type or None for untyped, first word, last word + 1)
+
+
+def parse_tag(tag: str) -> tuple[str, str | None] | None:
+    """('O', None), (prefix, type) or (prefix, None) for an untyped tag; None if no scheme fits.
+
+    Prefixes: B I E S L U. A type is anything non-empty after the dash that does not
+    start with whitespace ('B-PER', 'I-creative-work', 'B-Drug name').
+    """
+    if tag == "O":
+        return "O", None
+    m = _TAG.fullmatch(tag)
+    if m is None:
+        return None
+    return m.group(1), m.group(2)
+
+
+def check_tag(tag: Any, path: str | Path, line: int | None) -> None:
+    """Raise the one-line error for a tag that fits no scheme (file and line, schemes accepted)."""
+    if not isinstance(tag, str) or parse_tag(tag) is None:
+        raise HvdftError(f"tag {tag!r} fits no tag scheme: {ACCEPTED_TAGS}", path, line)
+
+
+def tag_entities(tags: Sequence[str]) -> list[Entity]:
+    """Entity spans of a tag sequence in any of the schemes (one decoder for all of them).
+
+    B-, S- and U- begin an entity; I-, E- and L- continue the open entity of their type
+    and otherwise begin one (as conlleval and seqeval's default mode read an I-X after O);
+    E-, S-, L- and U- end it. So valid IOB1, IOB2, IOBES and BILUO decode as their schemes
+    define them, and ill-formed sequences (a model's output, an annotation slip) decode to
+    what conlleval would count. A tag that fits no scheme counts as O.
+    """
+    entities: list[Entity] = []
+    open_type: str | None = None
+    start = -1  # -1: no entity is open
+    for i, tag in enumerate(tags):
+        parsed = parse_tag(tag)
+        prefix, kind = parsed if parsed else ("O", None)
+        if start >= 0 and (prefix == "O" or prefix in _STARTS or kind != open_type):
+            entities.append((open_type, start, i))
+            start = -1
+        if prefix == "O":
+            continue
+        if start < 0:
+            start, open_type = i, kind
+        if prefix in _ENDS:
+            entities.append((kind, start, i + 1))
+            start = -1
+    if start >= 0:
+        entities.append((open_type, start, len(tags)))
+    return entities
+
+
+def entity_tags(entities: Iterable[Entity], length: int, scheme: str) -> list[str]:
+    """The tags of `length` words holding these (non-overlapping, sorted) entities in `scheme`.
+
+    A None type writes untyped tags (B, I, ...). IOB1 uses B- only for an entity that
+    directly follows one of the same type, as its definition says.
+    """
+    tags = ["O"] * length
+    previous: Entity | None = None
+    for kind, start, stop in entities:
+        dash = "" if kind is None else f"-{kind}"
+        if stop - start == 1:
+            first = _SINGLE[scheme]
+        else:
+            first = _FIRST[scheme]
+            for i in range(start + 1, stop - 1):
+                tags[i] = "I" + dash
+            tags[stop - 1] = _LAST[scheme] + dash
+        if scheme == "IOB1" and previous is not None and previous[2] == start and previous[0] == kind:
+            first = "B"
+        tags[start] = first + dash
+        previous = (kind, start, stop)
+    return tags
+
+
+def to_iob2(tags: Sequence[str]) -> list[str]:
+    """Any scheme -> the internal typed IOB2 (untyped entities get the type UNTYPED).
+
+    `["U-ORG", "B-LOC", "L-LOC"]` -> `["B-ORG", "B-LOC", "I-LOC"]`;
+    `["I-PER", "B-PER"]` (IOB1) -> `["B-PER", "B-PER"]`; `["B", "I", "O"]` -> `["B-ENTITY", "I-ENTITY", "O"]`.
+    """
+    return entity_tags(((k or UNTYPED, s, e) for k, s, e in tag_entities(tags)), len(tags), "IOB2")
+
+
+@dataclass(frozen=True)
+class TagScheme:
+    """The tag scheme of one file: its name (SCHEMES) and whether its tags are untyped."""
+
+    name: str = "IOB2"
+    untyped: bool = False
+
+    @property
+    def key(self) -> str:
+        """How examples carry it (a string: examples pass through `datasets` columns)."""
+        return self.name + ("/untyped" if self.untyped else "")
+
+    @classmethod
+    def from_key(cls, key: str) -> TagScheme:
+        name, _, rest = key.partition("/")
+        return cls(name, rest == "untyped")
+
+    @classmethod
+    def of(cls, example: dict[str, Any]) -> TagScheme:
+        """The scheme an example was read in (IOB2 for examples without one: plain text)."""
+        key = example.get("scheme")
+        return cls.from_key(key) if key else cls()
+
+    def encode(self, tags: Sequence[str], bare: bool = True) -> list[str]:
+        """Tags in any scheme (internal IOB2, a model's labels) -> this scheme.
+
+        With `bare` an untyped scheme writes the UNTYPED type as bare tags (B, L, ...), as the
+        file had them; without it the type is kept (seqeval reports it by that name).
+        """
+        entities = tag_entities(tags)
+        if self.untyped and bare:
+            entities = [(None if k == UNTYPED else k, s, e) for k, s, e in entities]
+        elif not bare:
+            entities = [(k or UNTYPED, s, e) for k, s, e in entities]
+        return entity_tags(entities, len(tags), self.name)
+
+    def seqeval_scheme(self) -> type:
+        """seqeval's class for this scheme (seqeval spells BILUO 'BILOU')."""
+        from seqeval import scheme
+
+        return {"IOB1": scheme.IOB1, "IOB2": scheme.IOB2, "IOBES": scheme.IOBES, "BILUO": scheme.BILOU}[self.name]
+
+
+def detect_scheme(sentences: Iterable[Iterable[tuple[int | None, str]]], path: str | Path) -> TagScheme:
+    """The one tag scheme of a file, from all its sentences' (line, tag) pairs.
+
+    E-/S- tags mean IOBES and L-/U- tags BILUO; both in one file is an error that names the
+    two lines. B-/I- only: IOB1 when more entities begin with I- than with B- after O or
+    another type (in IOB1 a B- only separates two adjacent entities of one type), else IOB2
+    (a stray I- after O in IOB2 data is read as beginning an entity either way). Typed and
+    untyped tags in one file is an error. Tags that fit no scheme are skipped here: each
+    rank reports those of its own shard with their line.
+    """
+    seen: dict[str, tuple[int | None, str]] = {}  # evidence -> its first (line, tag)
+    i_starts = b_starts = 0
+
+    def clash(a: str, b: str, rule: str) -> None:
+        if a not in seen or b not in seen:
+            return
+        # reported at the later of the two lines (where the file stops making sense)
+        (later, first) = (a, b) if (seen[b][0] or 0) <= (seen[a][0] or 0) else (b, a)
+        (line, tag), (other_line, other) = seen[later], seen[first]
+        where = f"line {other_line}" if other_line is not None else "another sentence"
+        raise HvdftError(f"tag '{tag}' is {later}, but {where} has '{other}', which is {first}: {rule}",
+                         path, line)
+
+    for sentence in sentences:
+        prev: tuple[str, str | None] = ("O", None)
+        for line, tag in sentence:
+            parsed = parse_tag(tag) if isinstance(tag, str) else None
+            if parsed is None:
+                continue
+            prefix, kind = parsed
+            if prefix != "O":
+                if prefix in "ES":
+                    seen.setdefault("IOBES", (line, tag))
+                elif prefix in "LU":
+                    seen.setdefault("BILUO", (line, tag))
+                seen.setdefault("untyped" if kind is None else "typed", (line, tag))
+                continues = prev[0] in "BI" and prev[1] == kind
+                if prefix == "I" and not continues:
+                    i_starts += 1
+                elif prefix == "B" and not continues:
+                    b_starts += 1
+                clash("IOBES", "BILUO", "one file must use one tag scheme")
+                clash("typed", "untyped", "one file must use typed or untyped tags, not both")
+            prev = (prefix, kind)
+    untyped = "untyped" in seen
+    if "IOBES" in seen:
+        return TagScheme("IOBES", untyped)
+    if "BILUO" in seen:
+        return TagScheme("BILUO", untyped)
+    return TagScheme("IOB1" if i_starts > b_starts else "IOB2", untyped)
+
+
+def apply_scheme(examples: list[dict[str, Any]], scheme: TagScheme) -> None:
+    """Mark a file's examples with its scheme (their predictions are written and scored in it)."""
+    for ex in examples:
+        ex["scheme"] = scheme.key
+
+
+def conll_tag_sentences(lines: list[str]) -> Iterator[list[tuple[int, str]]]:
+    """(line number, tag) of every sentence of a CoNLL file, without validating anything.
+
+    The same sentence breaks as parse_conll; lines without a tag column are skipped (the
+    rank that owns them reports them).
+    """
+    sentence: list[tuple[int, str]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip(" \t\r\f\v") or line.lstrip(" \t").startswith("-DOCSTART-"):
+            if sentence:
+                yield sentence
+            sentence = []
+            continue
+        text = line.rstrip(" \t\r")
+        cut = max(text.rfind(" "), text.rfind("\t"))
+        if cut < 0 or not text[:cut].strip(" \t\r"):
+            continue
+        sentence.append((number, text[cut + 1 :]))
+    if sentence:
+        yield sentence
+
+
+def table_tag_sentences(source: str, fmt: str, encoding: str, label_col: str) -> Iterator[list[tuple[int, str]]]:
+    """(line, tag) of every record of a JSON-lines/CSV/TSV file, without validating anything."""
+    for line, row in iter_table_rows(source, fmt, encoding):
+        try:
+            tags = _as_list(row.get(label_col), source, line, label_col)
+        except HvdftError:
+            continue
+        yield [(line, t) for t in tags if isinstance(t, str)]
+
+
+def score_tags(gold: list[list[str]], pred: list[list[str]], scheme: TagScheme) -> tuple[dict[str, float], str]:
+    """seqeval metrics and report of well-formed, typed tags in `scheme` (strict mode).
+
+    Strict mode with the matching scheme class counts an entity only where it is well
+    formed in that scheme; default mode is conlleval's and knows B/I/E/S only (it would
+    merge two adjacent U-ORG entities and warn that U-/L- tags are not NE tags). Both
+    sides are canonical encodings of decoded entities here, so the numbers equal a
+    scoring of the same entities in IOB2. `accuracy` is per word, in `scheme`.
+    """
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    kwargs = {"zero_division": 0, "mode": "strict", "scheme": scheme.seqeval_scheme()}
     total = sum(len(g) for g in gold)
     right = sum(a == b for g, p in zip(gold, pred, strict=True) for a, b in zip(g, p, strict=True))
-    return right / total if total else 0.0
+    metrics = {
+        "precision": float(precision_score(gold, pred, **kwargs)),
+        "recall": float(recall_score(gold, pred, **kwargs)),
+        "f1": float(f1_score(gold, pred, **kwargs)),
+        "f1_macro": float(f1_score(gold, pred, average="macro", **kwargs)),
+        "accuracy": right / total if total else 0.0,
+        "sentences": float(len(gold)),
+    }
+    return metrics, classification_report(gold, pred, digits=4, **kwargs)
+
