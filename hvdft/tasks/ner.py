@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ def parse_conll(
     The word is the first column and the tag the last; blank or whitespace-only lines end
     a sentence; `-DOCSTART-` lines mark documents. Only this rank's sentences are parsed
     and validated: the others are counted. The tag scheme is decided from the tag column
-    of the whole file (every rank decides alike).
+    of the whole file (every rank decides alike); a file that starts with ESCAPE_MARKER
+    holds escaped words and tags (hvdft's own predictions files).
     """
+    escaped = is_escaped(lines)
     total, ids, examples = 0, [], []
     start: int | None = None  # 0-based line index where the current sentence began
     end = 0
@@ -36,7 +39,7 @@ def parse_conll(
             return
         if owns(total, rank, world):
             ids.append(total)
-            examples.append(_parse_sentence(lines, start, end, path))
+            examples.append(_parse_sentence(lines, start, end, path, escaped))
         total += 1
         start = None
 
@@ -50,11 +53,11 @@ def parse_conll(
                 start = i
             end = i + 1
     flush()
-    apply_scheme(examples, detect_scheme(conll_tag_sentences(lines), path))
+    apply_scheme(examples, detect_scheme(conll_tag_sentences(lines, escaped), path))
     return total, ids, examples
 
 
-def _parse_sentence(lines: list[str], start: int, end: int, path: str | Path) -> dict[str, Any]:
+def _parse_sentence(lines: list[str], start: int, end: int, path: str | Path, escaped: bool = False) -> dict[str, Any]:
     words, tags = [], []
     for i in range(start, end):
         cols = COLUMNS.split(lines[i].strip(" \t\r"))
@@ -65,6 +68,8 @@ def _parse_sentence(lines: list[str], start: int, end: int, path: str | Path) ->
                 i + 1,
             )
         word, tag = cols[0], cols[-1]
+        if escaped:
+            word, tag = unescape_field(word, path, i + 1), unescape_field(tag, path, i + 1)
         check_tag(tag, path, i + 1)
         words.append(word)
         tags.append(tag)
@@ -164,10 +169,8 @@ class NerTask(Task):
         return Split("predict", source, total, ids, examples)
 
     def write_unlabelled_predictions(self, path, examples, predictions):
-        with open(path, "w", encoding="utf-8") as f:
-            for ex, pred in zip(examples, predictions, strict=True):
-                f.writelines(f"{word} {p}\n" for word, p in zip(ex["words"], pred, strict=True))
-                f.write("\n")
+        write_columns(path, [list(zip(ex["words"], pred, strict=True))
+                             for ex, pred in zip(examples, predictions, strict=True)])
 
     def read_hub(self, dataset: Any, split: str, rank: int, world: int, opts: dict[str, Any]) -> Split:
         text_col = opts.get("text_column") or "tokens"
@@ -282,11 +285,8 @@ class NerTask(Task):
         return score_tags(gold, pred, scheme)
 
     def write_predictions(self, path, examples, predictions):
-        with open(path, "w", encoding="utf-8") as f:
-            for ex, pred in zip(examples, predictions, strict=True):
-                for word, gold, p in zip(ex["words"], ex.get("given", ex["tags"]), pred, strict=True):
-                    f.write(f"{word} {gold} {p}\n")
-                f.write("\n")
+        write_columns(path, [list(zip(ex["words"], ex.get("given", ex["tags"]), pred, strict=True))
+                             for ex, pred in zip(examples, predictions, strict=True)])
 
 
 def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -527,7 +527,7 @@ def apply_scheme(examples: list[dict[str, Any]], scheme: TagScheme) -> None:
         ex["scheme"] = scheme.key
 
 
-def conll_tag_sentences(lines: list[str]) -> Iterator[list[tuple[int, str]]]:
+def conll_tag_sentences(lines: list[str], escaped: bool = False) -> Iterator[list[tuple[int, str]]]:
     """(line number, tag) of every sentence of a CoNLL file, without validating anything.
 
     The same sentence breaks as parse_conll; lines without a tag column are skipped (the
@@ -544,7 +544,13 @@ def conll_tag_sentences(lines: list[str]) -> Iterator[list[tuple[int, str]]]:
         cut = max(text.rfind(" "), text.rfind("\t"))
         if cut < 0 or not text[:cut].strip(" \t\r"):
             continue
-        sentence.append((number, text[cut + 1 :]))
+        tag = text[cut + 1 :]
+        if escaped and "\\" in tag:
+            try:
+                tag = unescape_field(tag, "", number)
+            except HvdftError:
+                continue
+        sentence.append((number, tag))
     if sentence:
         yield sentence
 
@@ -583,3 +589,80 @@ def score_tags(gold: list[list[str]], pred: list[list[str]], scheme: TagScheme) 
     }
     return metrics, classification_report(gold, pred, digits=4, **kwargs)
 
+
+# ---------------------------------------------------------------------------- escaped words
+#
+# A predictions file holds one word per line, `word gold predicted` (or `word predicted`),
+# space-separated. A word that cannot stand there as-is (empty, whitespace or a control
+# character anywhere in it, or the start of a -DOCSTART- marker) makes the whole file
+# escaped: its first line is ESCAPE_MARKER (a -DOCSTART- line, so CoNLL readers and
+# conlleval skip it) and every field is written with backslash escapes. Files without
+# such words stay exactly as before: no marker, backslashes as they are.
+
+ESCAPE_MARKER = "-DOCSTART-hvdft-escaped"
+_NAMED = {" ": "s", "\t": "t", "\n": "n", "\r": "r", "\f": "f", "\v": "v", "\\": "\\"}
+_UNNAMED = {v: k for k, v in _NAMED.items()}
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.?)", re.DOTALL)
+
+
+def _odd(ch: str) -> bool:
+    # Whitespace (Python's str.split() would cut there), controls (NUL, escape codes) and the
+    # BOM (read_lines drops it at the start of a file).
+    return ch.isspace() or ch == "\ufeff" or unicodedata.category(ch) == "Cc"
+
+
+def needs_escape(field: str) -> bool:
+    """Whether a word (or tag) cannot be written as-is in a column file."""
+    return field == "" or field.startswith("-DOCSTART-") or any(_odd(ch) for ch in field)
+
+
+def escape_field(field: str) -> str:
+    """The escaped form: `\\s` space, `\\t` `\\n` `\\r` `\\f` `\\v`, `\\\\` backslash, `\\uXXXX` other
+    whitespace/controls and a leading '-' of -DOCSTART-, `\\e` the empty word."""
+    if field == "":
+        return "\\e"
+    out = []
+    for i, ch in enumerate(field):
+        if ch in _NAMED:
+            out.append("\\" + _NAMED[ch])
+        elif _odd(ch) or (i == 0 and field.startswith("-DOCSTART-")):
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_field(text: str, path: str | Path, line: int | None) -> str:
+    """The field escape_field wrote; an unknown escape is a one-line error with file and line."""
+    if text == "\\e":
+        return ""
+
+    def one(m: re.Match) -> str:
+        code = m.group(1)
+        if code in _UNNAMED:
+            return _UNNAMED[code]
+        if len(code) == 5:
+            return chr(int(code[1:], 16))
+        raise HvdftError(f"unknown escape '\\{code}' in {text!r} (the file starts with {ESCAPE_MARKER}: "
+                         "see the README for its escapes)", path, line)
+
+    return _ESCAPE.sub(one, text)
+
+
+def is_escaped(lines: list[str]) -> bool:
+    """Whether a column file holds escaped fields (its first line is ESCAPE_MARKER ...)."""
+    return bool(lines) and COLUMNS.split(lines[0].strip(" \t\r"))[0] == ESCAPE_MARKER
+
+
+def write_columns(path: str | Path, sentences: list[list[tuple[str, ...]]]) -> None:
+    """One line per word, fields separated by a space, a blank line after each sentence,
+    escaped (ESCAPE_MARKER first) only if some field needs it."""
+    escaped = any(needs_escape(field) for sentence in sentences for row in sentence for field in row)
+    width = len(sentences[0][0]) if sentences and sentences[0] else 2
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        if escaped:
+            f.write(" ".join([ESCAPE_MARKER] + ["O"] * (width - 1)) + "\n\n")
+        for sentence in sentences:
+            for row in sentence:
+                f.write(" ".join(escape_field(x) if escaped else x for x in row) + "\n")
+            f.write("\n")
