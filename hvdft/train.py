@@ -201,9 +201,11 @@ def setup(cfg: TrainConfig) -> Setup:
     model_config = dist.agree(lambda: _load(AutoConfig.from_pretrained, model_path, cfg))
     tokenizer = dist.agree(lambda: _tokenizer(AutoTokenizer, model_path, model_config, cfg))
     task.prepare_tokenizer(tokenizer)
-    max_length = dist.agree(lambda: _max_length(cfg, model_config, tokenizer))
+    max_length = dist.agree(lambda: _max_length(cfg, model_config, tokenizer, task.default_max_length))
     features = {name: tokenize(task, split, tokenizer, label2id, max_length, cfg.cache_dir)
                 for name, split in splits.items()}
+    for name, split in splits.items():
+        _warn_examples_without_rows(task, split, features[name], max_length)
 
     torch.manual_seed(cfg.seed)
     _configure_model(model_config, task, labels, cfg.dropout)
@@ -707,6 +709,20 @@ def _warn_unseen_labels(task: Task, split: Split, label2id: dict[str, int]) -> N
         )
 
 
+def _warn_examples_without_rows(task: Task, split: Split, features: dict[str, list], max_length: int) -> None:
+    """Collective: examples that featurizing turned into no model input (a task may drop
+    what cannot fit, e.g. relation arguments further apart than --max-length) are counted
+    over all ranks and named once, never dropped silently."""
+    present = set(features["example"])
+    missing = [i for i in range(len(split.examples)) if i not in present]
+    first = (split.ids[missing[0]], split.examples[missing[0]]) if missing else None
+    parts = dist.allgather_object((len(missing), first))
+    count = sum(n for n, _ in parts)
+    if count and dist.is_main():
+        example = min((f for _, f in parts if f is not None), key=lambda f: f[0])[1]
+        log.warning("%s", task.describe_missing(split, count, example, max_length))
+
+
 def _load(loader: Any, path: str, cfg: TrainConfig, **kwargs: Any) -> Any:
     try:
         return loader(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
@@ -724,7 +740,9 @@ def _tokenizer(auto: Any, path: str, model_config: Any, cfg: TrainConfig) -> Any
     return tokenizer
 
 
-def _max_length(cfg: TrainConfig, model_config: Any, tokenizer: Any) -> int:
+def _max_length(cfg: TrainConfig, model_config: Any, tokenizer: Any, task_default: int | None = None) -> int:
+    """--max-length, checked against the model's limit; by default the task's own length
+    (e.g. 384 for QA windows) or the model's limit, whichever is smaller."""
     limit = getattr(model_config, "max_position_embeddings", None) or 512
     if getattr(model_config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
         limit -= 2  # position ids start after the padding index
@@ -732,7 +750,7 @@ def _max_length(cfg: TrainConfig, model_config: Any, tokenizer: Any) -> int:
     if tok_limit and tok_limit < 100_000:
         limit = min(limit, tok_limit)
     if cfg.max_length is None:
-        return limit
+        return min(limit, task_default) if task_default else limit
     if cfg.max_length > limit:
         raise HvdftError(f"--max-length {cfg.max_length} is over the model's limit of {limit} tokens")
     return cfg.max_length

@@ -37,6 +37,7 @@ class Task(ABC):
     model_inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
     targets: ClassVar[dict[str, int]] = {"labels": -100}  # target column -> its padding value
     predictions_for: ClassVar[tuple[str, ...]] = ("test",)  # reports whose predictions are written
+    default_max_length: ClassVar[int | None] = None  # --max-length default (None: the model's limit)
 
     def __init__(self, options: Any = None, encoding: str = "utf-8") -> None:
         self.options = options if options is not None else self.Options()
@@ -148,6 +149,14 @@ class Task(ABC):
         count (for length grouping). Model inputs and target columns are named as in
         `model_inputs` and `targets`; any other column is kept for `predictions`.
         """
+
+    def describe_missing(self, split: Split, count: int, example: dict[str, Any], max_length: int) -> str:
+        """The warning for `count` examples of a split that featurizing left without a row
+        (`example` is the first of them). Training leaves them out; evaluation scores them
+        through `merge` with no pieces."""
+        where = f"line {example['line']}" if example.get("line") else "e.g. the first"
+        return (f"{split.source}: {count} of {split.total} examples produced no model input "
+                f"at --max-length {max_length} ({where})")
 
     def target_count(self, batch: Batch) -> int:
         """Loss terms in this batch: the labels that are not padding (-100)."""
