@@ -85,7 +85,7 @@ def predict_file(model_dir: str, input_file: str, output_file: str, batch_size: 
     split = dist.agree(lambda: run.task.read_unlabelled(input_file, shard))
     label2id = {v: k for k, v in run.evaluator.id2label.items()}
     features = tokenize(run.task, split, run.tokenizer, label2id, run.max_length)
-    merged, _ = run.evaluator.predict_shard(split, features)
+    merged, _ = run.evaluator.predict_shard(split, features, with_loss=False)
     ordered = dist.gather_in_order(split.ids, list(zip(split.examples, merged, strict=True)))
     if ordered is not None:
         run.task.write_unlabelled_predictions(Path(output_file), [e for e, _ in ordered], [p for _, p in ordered])
