@@ -116,6 +116,8 @@ class TrainConfig:
                             must_match=True)
     grad_accum: int = option(1, "Backward passes per optimizer step (Horovod backward_passes_per_step).",
                              at_least=1, must_match=True)
+    compile: bool = option(False, "torch.compile the model (dynamic shapes: length-grouped batches vary in "
+                           "length); the first steps of each new shape are slow.")
     fp16_allreduce: bool = option(False, "Compress gradients to fp16 on the wire.")
     allreduce_op: str = option("average", "average, or adasum (Horovod's Adasum; the rate is then not scaled).",
                                choices=("average", "adasum"))
@@ -131,7 +133,11 @@ class TrainConfig:
     dropout: bool = option(True, "--no-dropout makes runs bit-comparable (tests, debugging).")
     log_every: int = option(10, "Optimizer steps between metrics.jsonl lines and progress lines.", at_least=1)
     save_every: int = option(0, "Checkpoint every N optimizer steps; 0 = at the end of every epoch.", at_least=0)
+    save_every_minutes: float = option(0.0, "Also checkpoint when this many minutes have passed since the last "
+                                       "checkpoint (rank 0's clock, agreed at a step boundary); 0 = off.", at_least=0)
     save_total_limit: int = option(2, "Checkpoints kept (the best model is kept apart); 0 keeps all.", at_least=0)
+    commit_every: int = option(20, "Elastic jobs: commit the state (the restore point of a reset) every N steps, "
+                               "and before every evaluation and checkpoint.", at_least=1)
     resume: str | None = option(None, "Continue from the latest checkpoint in --output-dir ('--resume' alone), "
                                 "from PATH, or 'auto' (the latest if there is one, else start afresh).",
                                 flag_value="latest", metavar="[PATH|auto]")

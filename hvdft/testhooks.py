@@ -76,6 +76,12 @@ class Hooks:
             self._write({"event": event, "params": digest(model.state_dict()),
                          "optimizer": digest(optimizer.state_dict())})
 
+    def entered(self, step: int, epoch: int, world: int) -> None:
+        """Training (re)starts at `step` on `world` ranks: steps logged after a later one are
+        superseded (an elastic reset rolls back to the last commit)."""
+        if self.trace is not None:
+            self._write({"event": "entered", "step": step, "epoch": epoch, "world": world})
+
     def after_step(self, step: int, epoch: int, example_ids: Callable[[], list[list[int]]]) -> None:
         """The global ids of the examples of each micro-batch of a finished step (computed
         only when tracing)."""

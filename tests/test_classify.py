@@ -273,7 +273,7 @@ def test_hub_splits_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(dist, name, lambda value=value: value)
     monkeypatch.setattr(dist, "agree", lambda step: step())
     cfg = TrainConfig(task="classify", dataset="glue", dataset_config="sst2")
-    splits = prepare.read_splits(TASK, cfg, ("train", "validation", "test"))
+    splits = prepare.read_splits(TASK, cfg, splits=("train", "validation", "test"))
     assert sorted(splits) == ["train", "validation"]
     assert TASK.sort_labels(TASK.labels(splits["train"])) == ["negative", "positive"]
     assert splits["validation"].examples == [{"text": "meh", "text_pair": None, "label": "negative", "line": None}]

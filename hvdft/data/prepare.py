@@ -58,13 +58,15 @@ def data_sources(cfg: TrainConfig) -> Sources:
     return Sources(files, hub)
 
 
-def read_splits(task: Task, cfg: TrainConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, Split]:
-    """This rank's shard of each split that is given (files, bundled data or the Hub).
+def read_splits(task: Task, cfg: TrainConfig, shard: Shard | None = None,
+                splits: tuple[str, ...] = SPLITS) -> dict[str, Split]:
+    """This rank's shard of each split that is given (files, bundled data or the Hub);
+    `shard` defaults to this rank's of the job.
 
     Raises HvdftError on every rank when any rank finds a bad record in its shard, or when
     the training set has fewer examples than there are ranks.
     """
-    shard = Shard(dist.rank(), dist.size())
+    shard = shard or Shard(dist.rank(), dist.size())
     sources = data_sources(cfg)
     hub = None
     if sources.hub and any(s not in sources.files for s in splits):
