@@ -90,9 +90,14 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_resume(spec: str, output_dir: Path) -> Path:
-    if spec == "latest":
+def resolve_resume(spec: str, output_dir: Path) -> Path | None:
+    """The checkpoint `--resume SPEC` names: 'latest' (the newest in output_dir, which must
+    exist), 'auto' (the newest if any, else None: start afresh; what `hvdft launch
+    --max-restarts` passes) or a checkpoint folder."""
+    if spec in ("latest", "auto"):
         found = list_checkpoints(output_dir / "checkpoints")
+        if not found and spec == "auto":
+            return None
         if not found:
             raise HvdftError("--resume: no checkpoint to resume from", output_dir / "checkpoints")
         return found[-1]

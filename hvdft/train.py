@@ -122,6 +122,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resumed_from = dist.broadcast_object(
             dist.agree(lambda: resolve_resume(cfg.resume, output_dir) if dist.is_main() else None)
         )
+    if resumed_from is not None:  # None: `--resume auto` found no checkpoint, a fresh start
         state = dist.agree(
             lambda: _read_checkpoint(resumed_from, cfg, labels, model, optimizer) if dist.is_main() else None
         )
@@ -147,11 +148,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # ---- the loop ---------------------------------------------------------------------------
     progress = _progress(total_steps, step)
-    metrics_log = open(output_dir / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8") \
+    metrics_log = open(output_dir / "metrics.jsonl", "a" if resumed_from else "w", encoding="utf-8") \
         if dist.is_main() else None
     running_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
     running_count = 0
-    if cfg.resume and dist.is_main():  # the loss summed since the last log line before the checkpoint
+    if resumed_from and dist.is_main():  # the loss summed since the last log line before the checkpoint
         running_loss += state["progress"].get("log_sums", [0.0, 0])[0]
         running_count = int(state["progress"].get("log_sums", [0.0, 0])[1])
     tokens = 0  # real (non-padding) tokens this rank trained on
@@ -628,15 +629,21 @@ def _truncate_metrics_log(path: Path, step: int) -> None:
 
 
 def _inject_fault(rank: int, step: int, stop: _StopFlag) -> None:
-    """HVDFT_FAULT="rank=1,step=3,kind=raise|kill|wait": as that rank starts that step, it
-    raises, SIGKILLs itself, or waits (up to 120 s) for a stop signal: a fixed step for
-    a test to send SIGTERM/SIGINT at (the other ranks wait in the step's allreduce)."""
+    """HVDFT_FAULT="rank=1,step=3,kind=raise|kill|wait[,once=PATH]": as that rank starts that
+    step, it raises, SIGKILLs itself, or waits (up to 120 s) for a stop signal: a fixed step
+    for a test to send SIGTERM/SIGINT at (the other ranks wait in the step's allreduce).
+    With once=PATH it fires only if PATH does not exist, and creates it."""
     spec = os.environ.get("HVDFT_FAULT")
     if not spec:
         return
     fault = dict(item.split("=", 1) for item in spec.split(","))
     if int(fault["rank"]) != rank or int(fault["step"]) != step:
         return
+    once = fault.get("once")
+    if once:  # fires only if this file does not exist yet: a relaunched job runs on
+        if Path(once).exists():
+            return
+        Path(once).touch()
     if fault["kind"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault["kind"] == "wait":
