@@ -861,7 +861,10 @@ def test_restart_after_a_killed_rank_equals_resuming_by_hand(tmp_path: Path, tin
     cmd = [*HVDFT, "launch", "-np", "2", "--max-restarts", "1", "--restart-backoff", "1", "--env", fault,
            "--", *train_args(tiny, auto, *extra)]  # fmt: skip
     result = Job(cmd, cwd=tmp_path).wait(600)
+    done = time.time()
     assert result.returncode == 0, result.describe()
+    killed = (tmp_path / "fired").stat().st_mtime  # the hook touches it just before the SIGKILL
+    print(f"restart: job done {done - killed:.0f} s after the kill ({result.seconds:.0f} s in all)")
     restarts = [line for line in result.stderr.splitlines() if line.startswith(f"{PREFIX} restart ")]
     assert restarts == [
         f"{PREFIX} restart 1/1 in 1 s: rank 1 on {HOST} was killed by signal 9 (SIGKILL); 2 rank(s), "
