@@ -145,13 +145,12 @@ class Watch:
     def _fragment_end(self, text: str) -> int:
         """Where a rank's fragment ends in untagged text that follows its tag.
 
-        horovodrun writes each tagged line or progress frame whole, ending in \\n or \\r;
-        mpirun tags what a rank wrote and again after each newline in it, so there a
-        fragment ends at a newline.
+        horovodrun writes each tagged line or progress frame whole, ending in a newline or a
+        carriage return; mpirun tags what a rank wrote and again after each newline in it,
+        so there a fragment ends at a newline.
         """
         match = re.search(r"[\r\n]" if self.launcher == "horovodrun" else r"\n", text)
         return match.end() if match else len(text)
-
 
     def close(self) -> None:
         """End of output: whatever is left unterminated is read too."""
@@ -170,7 +169,8 @@ class Watch:
                 self._end_banner()
 
     def _rank_text(self, log: RankLog, stream: str, text: str, tag: str) -> None:
-        """Collect a rank's text into lines (\n) and progress frames (\r)."""
+        """Collect a rank's text into lines (ending in a newline) and progress frames
+        (ending in a carriage return)."""
         buffer = log.partial.pop(stream, "") + text
         for unit in re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$", buffer):
             banner = _BANNER_AFTER.search(unit) if self.launcher == "mpirun" else None
