@@ -372,8 +372,8 @@ def conclude(watch: Watch, returncode: int, interrupted: bool, launcher: str, ho
     what = describe_status(status, watch.signals.get(rank))
     crash = next((line.split(" crashed: ", 1)[1] for line in log.status_lines if " crashed: " in line), None)
     reason = f"rank {rank}{where} {what}" + (f": {crash}" if crash else "")
-    details = [f"rank {rank}{where} {what}; its last lines:"] + [f"  {line}" for line in log.last]
-    details += [f"  {line}" for line in log.status_lines]
+    said = [f"  {line}" for line in [*log.last, *log.status_lines]]
+    details = [f"rank {rank}{where} {what}; " + ("its last lines:" if said else "it printed nothing"), *said]
     kind = "killed" if watch.signals.get(rank) or (128 < status < 128 + 65) else "crash"
     return Outcome(EXIT_CRASH, kind, reason, rank, status, details, [f"hvdft: error: {reason}"])
 
@@ -397,10 +397,10 @@ def _launcher_failed(watch: Watch, returncode: int, launcher: str, status_lines:
     # The last line of its traceback is the exception; for mpirun the banner's first line.
     said = [line.strip() for line in watch.launcher_lines if line.strip()]
     if launcher == "horovodrun":
-        cause = said[-1] if said else f"exit status {returncode}"
+        cause = said[-1] if said else "it printed nothing more"
     else:
-        cause = said[0] if said else f"exit status {returncode}"
-    reason = f"{launcher} failed before any rank reported an exit status: {cause}"
+        cause = said[0] if said else "it printed nothing more"
+    reason = f"{launcher} exited with status {returncode} without naming a failed rank: {cause}"
     return Outcome(EXIT_CRASH, "launcher", reason, status=returncode, summary=[*errors, f"hvdft: error: {reason}"])
 
 

@@ -633,7 +633,7 @@ def test_launcher_that_fails_alone() -> None:
     watch.close()
     found = outcome_mod.conclude(watch, 1, False, "horovodrun", [])
     assert found.kind == "launcher" and found.retryable
-    assert found.summary == ["hvdft: error: horovodrun failed before any rank reported an exit status: "
+    assert found.summary == ["hvdft: error: horovodrun exited with status 1 without naming a failed rank: "
                              "ValueError: No interface is found."]
 
 
