@@ -94,7 +94,8 @@ def prune(root: Path, keep: int) -> None:
 
 def resolve_resume(spec: str, output_dir: Path) -> Path | None:
     """The checkpoint `--resume SPEC` names: 'latest' (the newest in output_dir, which must
-    exist), 'auto' (the newest if any, else None: start afresh) or a checkpoint folder."""
+    exist), 'auto' (the newest if any, else None: start afresh; what `hvdft launch
+    --max-restarts` passes) or a checkpoint folder."""
     if spec in ("latest", "auto"):
         found = list_checkpoints(output_dir / "checkpoints")
         if not found and spec == "auto":

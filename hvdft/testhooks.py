@@ -24,9 +24,10 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 HOOK_VARIABLES = ("HVDFT_FAULT", "HVDFT_DEBUG_DIR")
 
@@ -97,6 +98,8 @@ class Hooks:
 
 def digest(obj: Any) -> str:
     """sha256 of nested dicts/lists of tensors and plain values, in a fixed order."""
+    import torch  # here: `hvdft launch` imports this module for HOOK_VARIABLES, and must stay light
+
     h = hashlib.sha256()
 
     def feed(x: Any) -> None:

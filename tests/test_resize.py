@@ -114,3 +114,15 @@ def test_same_world_resume_of_a_resized_run_continues_its_plan(checkpoint: dict)
     assert results["train_steps"] == reference["train_steps"]
     a, b = load_tensors(tmp / "on1"), load_tensors(first)
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run ended elsewhere"
+
+
+def test_save_every_minutes_is_agreed_at_a_step(checkpoint: dict) -> None:
+    """A time-based checkpoint is decided on rank 0's clock and travels in the step's
+    allreduce: both ranks write it at the same step. With a 30 ms interval every step is
+    due, so every step leaves a checkpoint (and none is written twice)."""
+    tmp = checkpoint["tmp"]
+    out = tmp / "timed"
+    run_ok([*horovodrun(2), *args(tmp, out, "--epochs", "1", "--save-every", "0",
+                                  "--save-every-minutes", "0.0005")], timeout=900)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    assert names == sorted(f"checkpoint-{s}" for s in range(1, N // (2 * B) + 1))
