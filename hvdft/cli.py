@@ -174,8 +174,8 @@ def click_option(f: Any, types: dict[str, type], choices: tuple[str, ...] | None
 
     meta, name, kind = f.metadata, cli_name(f.name), types[f.name]
     help_text = meta["help"]
-    if kind is bool:
-        decl = f"{name}/--no-{name[2:]}" if f.default else name
+    if kind is bool:  # True or None (unset) by default: a --x/--no-x pair; False: a flag
+        decl = f"{name}/--no-{name[2:]}" if f.default is None or f.default else name
         return click.Option([decl, f.name], default=f.default, is_flag=True, show_default=bool(f.default),
                             help=help_text)
     if meta.get("flag_value"):

@@ -109,14 +109,14 @@ def _setup(cfg: TrainConfig, shard: Shard, with_sampler: bool = True) -> Setup:
 
     world, device = dist.size(), dist.device()
     task = get_task(cfg.task, cfg.task_options, cfg.encoding)
-    splits = read_splits(task, cfg, shard)
-    labels = _label_set(task, splits)
-    label2id = {label: i for i, label in enumerate(labels)}
     model_path = dist.agree(lambda: resolve_model(cfg.model))
     model_config = dist.agree(lambda: _load(AutoConfig.from_pretrained, model_path, cfg))
     tokenizer = dist.agree(lambda: _tokenizer(AutoTokenizer, model_path, model_config, cfg))
-    task.prepare_tokenizer(tokenizer)
     max_length = dist.agree(lambda: _max_length(cfg, model_config, tokenizer, task.default_max_length))
+    dist.agree(lambda: task.prepare(model_config, tokenizer, max_length))
+    splits = read_splits(task, cfg, shard)
+    labels = _label_set(task, splits)
+    label2id = {label: i for i, label in enumerate(labels)}
     features = {name: tokenize(task, split, tokenizer, label2id, max_length, cfg.cache_dir)
                 for name, split in splits.items()}
     for name, split in splits.items():

@@ -172,6 +172,7 @@ def _fingerprint(task: Task, columns: dict[str, list], tokenizer: Any, label2id:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else tokenizer.name_or_path).encode())
     h.update(code_version(task).encode())
+    h.update(task.cache_key().encode())
     from hvdft import __version__
 
     h.update(__version__.encode())

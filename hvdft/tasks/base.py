@@ -125,9 +125,17 @@ class Task(ABC):
     def model_class(self) -> Any:
         """The transformers Auto class of this task's head."""
 
-    def prepare_tokenizer(self, tokenizer: Any) -> None:
-        """Change the tokenizer before featurizing (e.g. add entity-marker tokens)."""
+    def prepare(self, model_config: Any, tokenizer: Any, max_length: int) -> None:
+        """Adapt the task to the model before any data is read: e.g. add entity-marker
+        tokens to the tokenizer, or decide how a seq2seq model is assembled. Called in
+        training, `hvdft eval` and `hvdft predict` alike. Raises HvdftError for a model
+        the task cannot use."""
         return None
+
+    def cache_key(self) -> str:
+        """What else the features depend on (beyond the options, tokenizer, labels and
+        code, which the cache key covers already), e.g. state set by `prepare`."""
+        return ""
 
     def build_model(self, path: str, config: Any, tokenizer: Any, **load_kwargs: Any) -> Any:
         """The model to fine-tune: pretrained weights from `path` with this task's head."""
