@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdft.errors import HvdftError
+from hvdft.optim import OPTIMIZERS, check_momentum
 
 
 def option(
@@ -103,7 +104,12 @@ class TrainConfig:
     scale_lr: str = option("none", "Scale the learning rate with the number of ranks: none (the rate as given, "
                            "as Hugging Face and Accelerate do), linear (x ranks, Horovod's ImageNet convention) "
                            "or sqrt.", choices=("none", "linear", "sqrt"))
-    weight_decay: float = option(0.0, "AdamW weight decay (never on biases and LayerNorm weights).", at_least=0)
+    optimizer: str = option("adamw", "adamw, sgd, nesterov (SGD with Nesterov momentum), adagrad or rmsprop; each "
+                            "inside Horovod's DistributedOptimizer.", choices=OPTIMIZERS, must_match=True)
+    momentum: float | None = option(None, "Momentum of sgd, nesterov and rmsprop [default: 0, 0.9 and 0].",
+                                    at_least=0, below=1, must_match=True)
+    weight_decay: float = option(0.0, "Weight decay, never on biases and LayerNorm weights (AdamW: decoupled; "
+                                 "the others: an L2 term in the gradient, as torch applies it).", at_least=0)
     warmup_ratio: float = option(0.0, "Fraction of the steps with a linear warm-up; then linear decay.",
                                  at_least=0, below=1)
     max_grad_norm: float = option(1.0, "Clip the averaged gradient to this L2 norm; 0 disables clipping.", at_least=0)
@@ -160,6 +166,7 @@ class TrainConfig:
         names = task_class(self.task).metric_names
         if self.metric is not None and self.metric not in names:
             raise HvdftError(f"--metric must be one of {', '.join(names)} for {self.task}, got {self.metric!r}")
+        check_momentum(self.optimizer, self.momentum)
         if not self.dataset and not self.train_file:
             raise HvdftError("give --train-file (and --validation-file) or --dataset")
 

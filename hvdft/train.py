@@ -218,7 +218,8 @@ def setup(cfg: TrainConfig) -> Setup:
     total_steps = _cap(cfg, math.ceil(steps_per_epoch * cfg.epochs))
     lr = optim.effective_lr(cfg.lr, cfg.scale_lr, world, cfg.allreduce_op)
     optimizer = dist.wrap_optimizer(
-        optim.adamw(model, lr, cfg.weight_decay, device), model.named_parameters(),
+        optim.build_optimizer(cfg.optimizer, model, lr, cfg.weight_decay, device, cfg.momentum),
+        model.named_parameters(),
         backward_passes_per_step=cfg.grad_accum, fp16_allreduce=cfg.fp16_allreduce, op=cfg.allreduce_op,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
