@@ -16,6 +16,7 @@ from typing import Any
 
 from hvdft.errors import HvdftError
 from hvdft.optim import OPTIMIZERS, check_momentum
+from hvdft.tracking import REPORT_TO, require
 
 
 def option(
@@ -148,6 +149,12 @@ class TrainConfig:
     overwrite_output_dir: bool = option(False, "Start afresh in an --output-dir that holds an earlier run "
                                         "(its checkpoints are deleted).")
     max_steps: int = option(0, "Stop after N optimizer steps; 0 = no limit.", at_least=0)
+    report_to: str = option("none", "Send the metrics to tensorboard (OUTPUT_DIR/runs), mlflow (MLFLOW_TRACKING_URI, "
+                            "else OUTPUT_DIR/mlruns), all, or none (rank 0).", choices=REPORT_TO)
+    # Not --timeline: horovodrun's parser takes that for an abbreviation of its own options.
+    horovod_timeline: str | None = option(None, "Record Horovod's timeline of the run into FILE (rank 0 writes it; "
+                                          "open it in chrome://tracing or Perfetto): where ranks wait in allreduce.",
+                                          metavar="FILE")
     cache_dir: str | None = option(None, "Tokenized-data cache [default: ~/.cache/hvdft/datasets, or HVDFT_CACHE].")
     trust_remote_code: bool = option(False, "Allow model code from the Hub to run.")
 
@@ -171,6 +178,7 @@ class TrainConfig:
         if self.metric is not None and self.metric not in names:
             raise HvdftError(f"--metric must be one of {', '.join(names)} for {self.task}, got {self.metric!r}")
         check_momentum(self.optimizer, self.momentum)
+        require(self.report_to)
         if self.init_from and self.model != MODEL_DEFAULT:
             raise HvdftError("--init-from DIR replaces --model (the model, tokenizer and config come from DIR): "
                              "give one of them")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hvdft import dist, optim, outputs
+from hvdft import dist, optim, outputs, tracking
 from hvdft.checkpoint import (
     list_checkpoints,
     load_state,
@@ -105,6 +105,7 @@ class Setup:
     resumed_from: Path | None = None
     resumed_note: str = ""  # what a resume on another number of ranks changed
     best_weights: dict[str, torch.Tensor] | None = None  # this process's copy of the best model
+    trackers: tracking.Trackers | None = None  # --report-to (rank 0), opened by train()
 
     @property
     def output_dir(self) -> Path:
@@ -149,7 +150,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     progress, window = resume_or_start(run)
     show_header(run)
     display = outputs.Display(run.total_steps, progress.step)
-    metrics = outputs.MetricsLog(run.output_dir / "metrics.jsonl", append=run.resumed_from is not None)
+    run.trackers = tracking.Trackers.start(cfg.report_to, run.output_dir, run.info,
+                                           progress.step if run.resumed_from else None)
+    metrics = outputs.MetricsLog(run.output_dir / "metrics.jsonl", append=run.resumed_from is not None,
+                                 trackers=run.trackers)
     try:
         with StopSignals() as stop:
             clock = time.perf_counter()
@@ -182,7 +186,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def start(cfg: TrainConfig) -> None:
     """Validate the options, start Horovod, check the output folder (rank 0)."""
     cfg.validate()
-    dist.init()
+    dist.init(timeline=cfg.horovod_timeline)
     device = dist.device()
     if device.type == "cuda":
         _configure_cuda()
@@ -581,6 +585,7 @@ def finish(run: Setup, progress: Progress, window: Window) -> dict[str, Any]:
             results.update({f"{prefix}_{k}": v for k, v in reports[prefix].metrics.items()})
     if dist.is_main():
         outputs.write_outputs(run.output_dir, run.task, run.model, run.tokenizer, results, reports, run.info)
+        run.trackers.finish(results, progress.step)
     dist.barrier()
     return results
 
