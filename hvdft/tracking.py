@@ -7,9 +7,9 @@ Keys are named as the Hugging Face Trainer names them: `train/loss`,
 
 - TensorBoard: event files under OUTPUT_DIR/runs/, written by tensorboardX (numpy,
   protobuf and packaging: no TensorFlow, and lighter than torch.utils.tensorboard, which
-  needs the whole `tensorboard` package with its web server). A resumed run purges the
-  events past its checkpoint, as metrics.jsonl is cut there. `tensorboard --logdir
-  OUTPUT_DIR/runs` shows them.
+  needs the whole `tensorboard` package with its web server). A resumed run hides the
+  events past its checkpoint, and a fresh run those of an earlier run in the folder, as
+  metrics.jsonl is cut or rewritten. `tensorboard --logdir OUTPUT_DIR/runs` shows them.
 - MLflow: MLFLOW_TRACKING_URI when set (a tracking server, a database); by default a store
   inside the output folder, OUTPUT_DIR/mlruns. That is MLflow's file store: the
   `mlflow-skinny` client writes it with no database dependencies, but MLflow 3 accepts it
@@ -133,9 +133,10 @@ class _TensorBoard:
     def __init__(self, output_dir: Path, params: dict[str, Any], resumed_at: int | None) -> None:
         from tensorboardX import SummaryWriter
 
-        # purge_step: events at or past it in earlier files of this folder are hidden (the
-        # steps a resumed run trains again).
-        purge = resumed_at + 1 if resumed_at is not None else None
+        # purge_step: events at or past it in earlier files of this folder are hidden: the
+        # steps a resumed run trains again, or all of an earlier run that a fresh one
+        # replaces (--overwrite-output-dir), as metrics.jsonl is cut or rewritten.
+        purge = resumed_at + 1 if resumed_at is not None else 0
         # The file name has the time in whole seconds: a run resumed within the same second
         # would overwrite the last one's file without a finer suffix.
         self.writer = SummaryWriter(logdir=str(output_dir / "runs"), purge_step=purge, flush_secs=30,

@@ -99,6 +99,11 @@ def test_resumed_tensorboard_log_has_each_step_once(tmp_path: Path) -> None:
     series = event_scalars(tmp_path / "runs")
     assert series["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
     assert series["test/f1"] == [(6, 0.5)]
+    fresh = Trackers([_TensorBoard(tmp_path, {"lr": 2}, None)])  # --overwrite-output-dir: a new run
+    fresh.log({"step": 1, "loss": 7.0})
+    fresh.finish({}, 1)
+    assert event_scalars(tmp_path / "runs")["train/loss"] == [(1, 7.0)]
+    assert len(list((tmp_path / "runs").iterdir())) == 3  # one file per start: none overwritten
 
 
 def test_resumed_mlflow_run_continues_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,7 +209,7 @@ def test_model_card_metadata_and_body(tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 
     from hvdft.evaluate import Evaluation
-    from hvdft.modelcard import write_model_card
+    from hvdft.modelcard import hub_model_id, write_model_card
     from hvdft.tasks import get_task
 
     run_info = {"config": {"model": "minilm", "dataset": "wnut17", "lr": 5e-5, "scale_lr": "none", "epochs": 3.0,
@@ -224,6 +229,11 @@ def test_model_card_metadata_and_body(tmp_path: Path) -> None:
     assert found == {("validation", "f1"): 0.61, ("validation", "precision"): 0.7, ("test", "f1"): 0.5,
                      ("test", "precision"): 0.6}
     assert card.data.model_name == "my-ner"
+    chained = tmp_path / "v1"  # --init-from a model hvdft trained: its base model is named
+    chained.mkdir()
+    (chained / "hvdft_run.json").write_text(json.dumps({"config": {"model": "minilm"}}))
+    assert hub_model_id(str(chained)) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_model_id("bert-base-cased") == "bert-base-cased" and hub_model_id(str(tmp_path)) is None
     for text in ("| ranks (world size) | 4 |", "| global batch | 128 |", "| precision | bf16 |",
                  "| optimizer | nesterov (momentum 0.9) |", "EVAL REPORT", "TEST REPORT", "| Horovod |",
                  '"token-classification", model="PATH/TO/THIS/FOLDER", aggregation_strategy="simple"'):
