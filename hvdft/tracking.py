@@ -95,11 +95,8 @@ class Trackers:
         writers: list[Any] = []
         params = {**info.get("config", {}), **{k: v for k, v in info.items() if k != "config"}}
 
-        def open_all() -> None:
-            for name in backends(report_to):
-                writers.append(_BACKENDS[name](output_dir, params, resumed_at))
-
-        dist.main_only(open_all)
+        dist.main_only(lambda: writers.extend(open_tracker(n, output_dir, params, resumed_at)
+                                              for n in backends(report_to)))
         return cls(writers)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -125,6 +122,16 @@ class Trackers:
                 log.warning("--report-to %s failed (%s: %s); it is switched off for the rest of this run",
                             writer.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self.writers.remove(writer)
+
+
+def open_tracker(name: str, output_dir: Path, params: dict[str, Any], resumed_at: int | None) -> Any:
+    """One tracker, opened. Raises HvdftError (one line) when it cannot start: a tracking
+    server away, a store that cannot be written."""
+    try:
+        return _BACKENDS[name](output_dir, params, resumed_at)
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raises
+        detail = (str(exc).splitlines() or [""])[0][:300]
+        raise HvdftError(f"--report-to {name}: cannot start: {type(exc).__name__}: {detail}") from None
 
 
 class _TensorBoard:

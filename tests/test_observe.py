@@ -128,6 +128,16 @@ def test_resumed_mlflow_run_continues_the_same_run(tmp_path: Path, monkeypatch: 
     assert run_.data.metrics["test/f1"] == 0.25
 
 
+def test_a_tracker_that_cannot_start_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvdft.tracking import open_tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(HvdftError, match=r"^--report-to mlflow: cannot start: \w+"):
+        open_tracker("mlflow", tmp_path, {"lr": 1}, None)
+
+
 def test_a_failing_tracker_is_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     from hvdft.tracking import Trackers
 
