@@ -250,7 +250,7 @@ def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:
 
     cfg = _config_from(ctx, task, params)
     cfg.validate()
-    dist.init()
+    dist.init(timeline=cfg.horovod_timeline)
     setup_logging()
     train(cfg)
     return 0
@@ -331,6 +331,32 @@ def evaluate_cmd(**params: Any) -> int:
     dist.init()
     setup_logging()
     evaluate_file(**params)
+    return 0
+
+
+# ---- plot --------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--output-dir", help="Where the PNG files go [default: RUN_DIR/plots].")
+@click.option("--smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.6, show_default=True,
+              help="Weight of the moving average drawn over the training loss (TensorBoard's; 0 = none).")
+@guarded
+def plot(run_dir: str, output_dir: str | None, smoothing: float) -> int:
+    """Training curves as PNG pictures, from RUN_DIR/metrics.jsonl.
+
+    loss.png (each logged step and smoothed, with the validation loss), learning_rate.png,
+    tokens_per_second.png, grad_norm.png, eval_<metric>.png for every validation metric
+    with its best point marked, and overview.png with all of them. `hvdft train` writes
+    them at its end when matplotlib is installed (pip install 'hvdft[plot]').
+    """
+    from pathlib import Path
+
+    from hvdft.plots import write_plots
+
+    for path in write_plots(Path(run_dir), Path(output_dir) if output_dir else None, smoothing):
+        click.echo(str(path))
     return 0
 
 
