@@ -20,6 +20,7 @@ from hvdft.tasks.qa import (
     QaOptions,
     QaTask,
     Shard,
+    answer_questions,
     answer_token_span,
     best_answer,
     featurize,
@@ -208,6 +209,23 @@ def test_split_by_article_or_paragraph_never_by_question():
     assert n_dev == 15  # 5 paragraphs of 3 questions: the first count >= 25% of 60
     contexts = lambda part: {p["context"] for a in part["data"] for p in a["paragraphs"]}  # noqa: E731
     assert contexts(train).isdisjoint(contexts(dev)) and len(contexts(train) | contexts(dev)) == 20
+
+
+def test_split_command_writes_train_and_validation(tmp_path: Path):
+    import subprocess
+    import sys
+
+    data = {"version": "1.1", "data": [
+        {"title": f"A{a}", "paragraphs": [{"context": "x y", "qas": [qa(f"{a}{q}", "q?", [("y", 2)])
+                                                                      for q in range(2)]}]} for a in range(5)]}
+    src = write(tmp_path, "all.json", json.dumps(data))
+    proc = subprocess.run([sys.executable, "-m", "hvdft.tasks.qa", "split", str(src), str(tmp_path / "out"),
+                           "--dev-fraction", "0.3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "validation.json: 2 articles, 4 questions" in proc.stdout
+    train = read_squad(tmp_path / "out" / "train.json", ONE)
+    dev = read_squad(tmp_path / "out" / "validation.json", ONE)
+    assert train.total == 6 and dev.total == 4
 
 
 # ============================================================================ windows
@@ -525,6 +543,11 @@ def test_task_predicts_merges_scores_and_writes(tiny_qa, tokenizer, words, tmp_p
     task.write_unlabelled_predictions(out, examples, preds)
     first = json.loads(out.read_text().splitlines()[0])
     assert first["id"] == "q0" and first["answer"] == preds[0]["text"]
+    # other batching (windows in input order, 3 per batch): the same answers and n-best lists
+    again = answer_questions(tiny_qa, tokenizer, examples, task.options, max_length=40, batch_size=3)
+    for a, b in zip(again, preds, strict=True):
+        assert a["text"] == b["text"] and [x["text"] for x in a["nbest"]] == [x["text"] for x in b["nbest"]]
+        assert [x["score"] for x in a["nbest"]] == pytest.approx([x["score"] for x in b["nbest"]], abs=1e-4)
 
 
 def test_v2_score_and_null_odds(tmp_path: Path):

@@ -561,6 +561,58 @@ def qa_loss(start_logits: Any, end_logits: Any, start_positions: Any, end_positi
     return loss / 2
 
 
+def answer_questions(
+    model: Any,
+    tokenizer: Any,
+    questions: list[dict[str, Any]],
+    options: QaOptions | None = None,
+    max_length: int = 384,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Answers for [{question, context}, ...] in one process: featurize, forward, decode (`best_answer`'s dicts).
+
+    What transformers' "question-answering" pipeline did; transformers 5 removed that
+    pipeline, so this is how a saved QA model folder is used outside hvdft. Windows are
+    right-padded per batch; the model runs in eval mode without gradients on its device.
+    """
+    import torch
+
+    o = options or QaOptions()
+    empty = {"text": [], "answer_start": []}
+    batch = {"question": [q["question"] for q in questions], "context": [q["context"] for q in questions],
+             "answers": [empty] * len(questions), "example": list(range(len(questions)))}
+    rows = featurize(batch, tokenizer, max_length, o)
+    device = next(model.parameters()).device
+    pieces: list[list[dict[str, Any]]] = [[] for _ in questions]
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id or 0
+    with torch.no_grad():
+        for start in range(0, len(rows["input_ids"]), batch_size):
+            index = range(start, min(start + batch_size, len(rows["input_ids"])))
+            longest = max(rows["length"][i] for i in index)
+            inputs = {"input_ids": torch.full((len(index), longest), pad, dtype=torch.long),
+                      "attention_mask": torch.zeros((len(index), longest), dtype=torch.long)}
+            if "token_type_ids" in rows:
+                inputs["token_type_ids"] = torch.zeros((len(index), longest), dtype=torch.long)
+            for k, i in enumerate(index):
+                n = rows["length"][i]
+                inputs["input_ids"][k, :n] = torch.tensor(rows["input_ids"][i])
+                inputs["attention_mask"][k, :n] = 1
+                if "token_type_ids" in rows:
+                    inputs["token_type_ids"][k, :n] = torch.tensor(rows["token_type_ids"][i])
+            out = model(**{k: v.to(device) for k, v in inputs.items()})
+            starts, ends = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+            for k, i in enumerate(index):
+                n = rows["length"][i]
+                pieces[rows["example"][i]].append(window_candidates(
+                    starts[k, :n], ends[k, :n], rows["offset_mapping"][i], rows["cls_index"][i],
+                    o.n_best_size, o.max_answer_length))
+    model.train(was_training)
+    return [best_answer(q["context"], p, o.n_best_size, o.version_2_with_negative, o.null_score_diff_threshold)
+            for q, p in zip(questions, pieces, strict=True)]
+
+
 # ============================================================================ scoring and writing
 
 
