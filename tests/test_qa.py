@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 from conftest import SHARED_DATA, write
 
+from hvdft.data.files import Shard
 from hvdft.errors import HvdftError
 from hvdft.tasks import squad_metric
 from hvdft.tasks.qa import (
     QaOptions,
     QaTask,
-    Shard,
     answer_questions,
     answer_token_span,
     best_answer,

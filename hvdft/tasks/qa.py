@@ -27,59 +27,37 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from hvdft.data.files import Split, iter_table_rows, read_lines
+from hvdft.config import option
+from hvdft.data.files import Shard, Split, iter_table_rows, read_lines
 from hvdft.errors import HvdftError
 from hvdft.tasks import squad_metric
-
-try:  # the engine reshape (issue 11) adds Shard to hvdft.data.files
-    from hvdft.data.files import Shard  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - only until the reshape lands
-
-    @dataclass
-    class Shard:  # type: ignore[no-redef]
-        """This rank's part of the data: example i belongs to rank i % world."""
-
-        rank: int = 0
-        world: int = 1
-
-        def owns(self, index: int) -> bool:
-            return index % self.world == self.rank
-
-
-def _option(default: Any, help: str) -> Any:  # noqa: A002 - the Click keyword
-    """A QaOptions field; hvdft.config.option (issue 11) will replace it one for one."""
-    return field(default=default, metadata={"help": help})
+from hvdft.tasks.base import Task
 
 
 @dataclass
 class QaOptions:
     """`hvdft train qa` options (the window length itself is the engine's --max-length)."""
 
-    doc_stride: int = _option(128, "Context tokens shared by consecutive windows of a long context "
-                                   "(transformers' `stride`, as run_qa.py's --doc_stride).")
-    max_query_length: int = _option(64, "Questions longer than this many tokens are cut (as BERT's run_squad.py).")
-    n_best_size: int = _option(20, "Start and end candidates per window, and answers kept per question.")
-    max_answer_length: int = _option(30, "Longest answer, in tokens.")
-    version_2_with_negative: bool = _option(False, "SQuAD 2.0: questions may have no answer.")
-    null_score_diff_threshold: float = _option(0.0, "SQuAD 2.0: answer nothing when the null score exceeds "
-                                                    "the best span's score by more than this.")
-    id_column: str = _option("id", "Question id column of flat (JSON lines) files.")
-    question_column: str = _option("question", "Question column of flat files.")
-    context_column: str = _option("context", "Context column of flat files.")
-    answers_column: str = _option("answers", "Answers column of flat files ({text: [...], answer_start: [...]}).")
-
-    def __post_init__(self) -> None:
-        for name in ("doc_stride", "max_query_length", "n_best_size", "max_answer_length"):
-            value = getattr(self, name)
-            low = 0 if name == "doc_stride" else 1
-            if not isinstance(value, int) or value < low:
-                raise HvdftError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+    doc_stride: int = option(128, "Context tokens shared by consecutive windows of a long context "
+                             "(transformers' `stride`, as run_qa.py's --doc_stride).", at_least=0, must_match=True)
+    max_query_length: int = option(64, "Questions longer than this many tokens are cut (as BERT's run_squad.py).",
+                                   at_least=1, must_match=True)
+    n_best_size: int = option(20, "Start and end candidates per window, and answers kept per question.",
+                              at_least=1)
+    max_answer_length: int = option(30, "Longest answer, in tokens.", at_least=1)
+    version_2_with_negative: bool = option(False, "SQuAD 2.0: questions may have no answer.", must_match=True)
+    null_score_diff_threshold: float = option(0.0, "SQuAD 2.0: answer nothing when the null score exceeds the "
+                                              "best span's score by more than this.")
+    id_column: str = option("id", "Question id column of flat (JSON lines) files.")
+    question_column: str = option("question", "Question column of flat files.")
+    context_column: str = option("context", "Context column of flat files.")
+    answers_column: str = option("answers", "Answers column of flat files ({text: [...], answer_start: [...]}).")
 
 
 # ============================================================================ reading
@@ -694,11 +672,15 @@ def write_answers_jsonl(path: str | Path, examples: list[dict[str, Any]], predic
 # ============================================================================ the task
 
 
-class QaTask:
-    """`hvdft train qa`, shaped like the reshaped Task interface (issue 11).
+class QaTask(Task):
+    """Extractive question answering (SQuAD v1.1, and v2.0 with --version-2-with-negative).
 
-    Not yet a subclass of hvdft.tasks.base.Task: its abstract methods are the pre-reshape
-    ones. Once the reshape lands this becomes `class QaTask(Task)` plus a registry line.
+    Reads nested SQuAD JSON, the Hub's flat squad/squad_v2 rows as JSON lines, or a Hub
+    dataset. Question + context windows of --max-length tokens overlapping by --doc-stride;
+    the n-best spans of every window, best over the windows of a question (v2.0: against
+    the null score). Scored with the official SQuAD measure (exact match and F1, percent).
+    Writes the best model by F1, eval/test reports, predictions.json ({id: answer}),
+    nbest_predictions.json (v2.0: null_odds.json), test_* files and all_results.json.
     """
 
     name: ClassVar[str] = "qa"
@@ -706,14 +688,14 @@ class QaTask:
     metric_names: ClassVar[tuple[str, ...]] = ("f1", "exact_match")
     default_metric: ClassVar[str] = "f1"
     Options: ClassVar[type] = QaOptions
-    has_labels: ClassVar[bool] = False
+    has_labels: ClassVar[bool] = False  # spans, not a label set: no id2label
     default_max_length: ClassVar[int] = 384  # run_qa.py's --max_seq_length
-    model_inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
     targets: ClassVar[dict[str, int]] = {"start_positions": -100, "end_positions": -100}
+    predictions_for: ClassVar[tuple[str, ...]] = ("eval", "test")
 
-    def __init__(self, options: QaOptions | None = None, encoding: str = "utf-8"):
-        self.options = options or QaOptions()
-        self.encoding = encoding
+    def __init__(self, options: QaOptions | None = None, encoding: str = "utf-8") -> None:
+        super().__init__(options, encoding)
+        self.head_loaded: bool | None = None  # whether build_model found span-head weights
 
     # ------------------------------------------------------------------ reading
     def read(self, source: str, split: str, shard: Shard) -> Split:
@@ -725,15 +707,8 @@ class QaTask:
     def read_unlabelled(self, source: str, shard: Shard) -> Split:
         return read_squad(source, shard, self.options, self.encoding, "predict", labelled=False)
 
-    # ------------------------------------------------------------------ labels: none
-    def labels_of_examples(self, examples: list[dict[str, Any]]) -> list[str]:
-        return []
-
-    def sort_labels(self, labels: set[str]) -> list[str]:
-        return []
-
     # ------------------------------------------------------------------ model
-    def model_class(self) -> type:
+    def model_class(self) -> Any:
         from transformers import AutoModelForQuestionAnswering
 
         return AutoModelForQuestionAnswering
@@ -743,7 +718,24 @@ class QaTask:
             raise HvdftError("question answering needs a fast tokenizer (for the offset mapping)")
 
     def build_model(self, path: str, config: Any, tokenizer: Any, **load_kwargs: Any) -> Any:
-        return self.model_class().from_pretrained(path, config=config, **load_kwargs)
+        """The encoder from `path` with a span head (start, end): 2 outputs whatever the
+        checkpoint's num_labels was (a classifier's config would otherwise size the head)."""
+        if getattr(config, "num_labels", 2) != 2:
+            config.num_labels = 2
+        model, info = self.model_class().from_pretrained(path, config=config, output_loading_info=True,
+                                                         **load_kwargs)
+        fresh = [k for k in info.get("missing_keys", ()) if "qa_outputs" in k]
+        self.head_loaded = not fresh
+        return model
+
+    def describe(self, model: Any) -> list[str]:
+        o = self.options
+        head = {True: "from the checkpoint", False: "new (randomly initialised)", None: "?"}[self.head_loaded]
+        squad = (f"SQuAD v2.0 (null answers, --null-score-diff-threshold {o.null_score_diff_threshold:g})"
+                 if o.version_2_with_negative else "SQuAD v1.1 (every question has an answer)")
+        return [f"qa: span head {head}; windows overlap by {o.doc_stride} tokens (--doc-stride), questions "
+                f"cut at {o.max_query_length}; n-best {o.n_best_size}, answers up to {o.max_answer_length} tokens",
+                f"qa: {squad}; examples are questions, training rows are windows"]
 
     # ------------------------------------------------------------------ features and step
     def featurize(self, batch: dict[str, list], tokenizer: Any, label2id: dict[str, int],
@@ -779,7 +771,8 @@ class QaTask:
 
     def write_predictions(self, folder: Path, prefix: str, examples: list[dict[str, Any]],
                           predictions: list[Any]) -> None:
-        write_squad_predictions(folder, prefix, examples, predictions, self.options.version_2_with_negative)
+        if prefix in self.predictions_for:
+            write_squad_predictions(folder, prefix, examples, predictions, self.options.version_2_with_negative)
 
     def write_unlabelled_predictions(self, path: Path, examples: list[dict[str, Any]],
                                      predictions: list[Any]) -> None:
