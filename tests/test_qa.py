@@ -573,6 +573,63 @@ def test_v2_score_and_null_odds(tmp_path: Path):
     assert json.loads((tmp_path / "a.jsonl").read_text().splitlines()[1])["answer_start"] == -1
 
 
+def test_registered_on_the_task_interface():
+    from transformers import AutoModelForQuestionAnswering
+
+    from hvdft.tasks import get_task, task_of_model
+    from hvdft.tasks.base import Task
+
+    task = get_task("qa")
+    assert isinstance(task, QaTask) and isinstance(task, Task)
+    assert (task.name, task.pipeline, task.default_metric, task.metric_names) == (
+        "qa", "question-answering", "f1", ("f1", "exact_match"))
+    assert not task.has_labels and task.default_max_length == 384 and task.predictions_for == ("eval", "test")
+    assert task.targets == {"start_positions": -100, "end_positions": -100}
+    assert task.model_class() is AutoModelForQuestionAnswering
+    assert task_of_model(SimpleNamespace(architectures=["RobertaForQuestionAnswering"])) == "qa"
+    assert task_of_model(SimpleNamespace(hvdft_task="qa", architectures=["BertForQuestionAnswering"])) == "qa"
+
+
+def test_train_qa_command_and_option_checks():
+    from click.testing import CliRunner
+
+    from hvdft.cli import main
+    from hvdft.config import TrainConfig
+
+    text = CliRunner().invoke(main, ["train", "qa", "--help"], terminal_width=200).output
+    for flag in ("--doc-stride", "--max-query-length", "--n-best-size", "--max-answer-length",
+                 "--version-2-with-negative", "--null-score-diff-threshold", "--question-column",
+                 "--context-column", "--answers-column", "--id-column", "[f1|exact_match]"):
+        assert flag in text, flag
+    for options, message in ((QaOptions(doc_stride=-1), "--doc-stride must not be negative, got -1"),
+                             (QaOptions(n_best_size=0), "--n-best-size must be at least 1, got 0"),
+                             (QaOptions(max_answer_length=0), "--max-answer-length must be at least 1, got 0")):
+        with pytest.raises(HvdftError, match=message):
+            TrainConfig(task="qa", train_file="x.json", task_options=options).validate()
+    cfg = TrainConfig(task="qa", train_file="x.json", task_options=QaOptions(version_2_with_negative=True))
+    assert {"doc_stride", "max_query_length", "version_2_with_negative"} <= set(cfg.must_match())
+    assert cfg.to_dict()["doc_stride"] == 128
+
+
+def test_build_model_gives_a_two_output_span_head_and_says_where_it_came_from(tmp_path: Path):
+    from ft_support import make_tiny_model
+    from transformers import AutoConfig
+
+    folder = make_tiny_model(tmp_path / "base")
+    task = QaTask(QaOptions(version_2_with_negative=True, null_score_diff_threshold=1.5))
+    config = AutoConfig.from_pretrained(folder, num_labels=3)  # e.g. a classifier's checkpoint
+    model = task.build_model(str(folder), config, None)
+    assert model.qa_outputs.out_features == 2 and task.head_loaded is False
+    lines = task.describe(model)
+    assert "span head new (randomly initialised)" in lines[0] and "--doc-stride" in lines[0]
+    assert "SQuAD v2.0" in lines[1] and "1.5" in lines[1]
+    model.save_pretrained(tmp_path / "qa")
+    again = QaTask()
+    again.build_model(str(tmp_path / "qa"), AutoConfig.from_pretrained(tmp_path / "qa"), None)
+    assert again.head_loaded is True and "span head from the checkpoint" in again.describe(None)[0]
+    assert "SQuAD v1.1" in again.describe(None)[1]
+
+
 # ============================================================================ real data (SQuADShifts, SQuAD 2.0)
 
 
