@@ -293,12 +293,18 @@ train_classify = train.commands["classify"]
 @main.command()
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--input", "input_file", required=True,
-              help="NER: CoNLL file or plain text (one sentence per line); classify: CSV/TSV/JSONL or text lines.")
+              help="NER: CoNLL file or plain text (one sentence per line); classify: CSV/TSV/JSONL or text lines; "
+                   "QA: JSON lines of {question, context} or SQuAD JSON.")
 @click.option("--output", "output_file", required=True, help="Where rank 0 writes the predictions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--text-column", help="Text column (JSON/CSV data) [default: the one the model was trained with].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
+@click.option("--question-column", help="QA: question column of JSON lines [default: the model's].")
+@click.option("--context-column", help="QA: context column of JSON lines [default: the model's].")
+@click.option("--id-column", help="QA: question id column of JSON lines [default: the model's].")
+@click.option("--null-score-diff-threshold", type=float,
+              help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def predict(**params: Any) -> int:
@@ -315,16 +321,23 @@ def predict(**params: Any) -> int:
 @main.command("eval")
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--data", "data_file", required=True, help="Labelled data in the format the task trains on.")
-@click.option("--output-dir", help="Also write <output-dir>/eval_report.txt and eval_results.json.")
+@click.option("--output-dir", help="Also write <output-dir>/eval_report.txt, eval_results.json and the task's "
+              "predictions files for eval (QA: predictions.json, nbest_predictions.json).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--text-column", help="Text/tokens column (JSON/CSV data) [default: the model's].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
 @click.option("--label-column", help="Label column (JSON/CSV data) [default: the model's].")
+@click.option("--question-column", help="QA: question column of JSON lines [default: the model's].")
+@click.option("--context-column", help="QA: context column of JSON lines [default: the model's].")
+@click.option("--id-column", help="QA: question id column of JSON lines [default: the model's].")
+@click.option("--null-score-diff-threshold", type=float,
+              help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
+@click.option("--answers-column", help="QA: answers column of JSON lines [default: the model's].")
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def evaluate_cmd(**params: Any) -> int:
-    """Score a trained model on labelled data (entity-level for NER); sharded over the ranks."""
+    """Score a trained model on labelled data (entity-level for NER, SQuAD EM/F1 for QA); sharded over the ranks."""
     from hvdft import dist
     from hvdft.inference import evaluate_file
 
