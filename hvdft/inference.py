@@ -59,6 +59,7 @@ def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_s
     limit = min(getattr(model.config, "max_position_embeddings", 512) or 512, tokenizer.model_max_length or 512)
     trained = _saved_config(Path(resolve_model(model_dir))).get("max_length") or task.default_max_length
     max_length = min(limit, trained) if trained else limit  # the windows the model was evaluated on in training
+    dist.agree(lambda: task.prepare(model.config, tokenizer, max_length))
     evaluator = Evaluator(task, model, id2label, batch_size, tokenizer.pad_token_id or 0, precision)
     return Loaded(task, model, tokenizer, evaluator, max_length)
 

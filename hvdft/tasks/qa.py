@@ -713,7 +713,7 @@ class QaTask(Task):
 
         return AutoModelForQuestionAnswering
 
-    def prepare_tokenizer(self, tokenizer: Any) -> None:
+    def prepare(self, model_config: Any, tokenizer: Any, max_length: int) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise HvdftError("question answering needs a fast tokenizer (for the offset mapping)")
 
