@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from hvdft.tasks.relation import (
     mark,
     markup,
     missing_examples,
+    missing_report,
     official_scores,
     parse_marked,
     read_relation_file,
@@ -179,6 +181,11 @@ def test_read_official_release():
     lines = TEST_FULL.read_text(encoding="ascii").splitlines()
     for ex in test.examples:
         assert lines[ex["line"] - 1] == f'{ex["id"]}\t"{markup(ex)}"'
+    # the ranks' shards, put back in global order, are the one-rank read
+    shards = [task.read(str(TEST_FULL), "test", Shard(rank, 3)) for rank in range(3)]
+    merged = sorted((gid, ex["id"]) for part in shards for gid, ex in zip(part.ids, part.examples, strict=True))
+    whole = task.read(str(TEST_FULL), "test", Shard(0, 1))
+    assert [sid for _, sid in merged] == [ex["id"] for ex in whole.examples]
     unlabelled = task.read_unlabelled(str(release / "SemEval2010_task8_testing" / "TEST_FILE.txt"), Shard(0, 1))
     assert unlabelled.total == 2717 and unlabelled.examples[0]["label"] is None
 
@@ -376,11 +383,12 @@ def test_long_sentences_window_and_too_far_apart(tokenizer):
 
     split = Split("train", "train.jsonl", 2, [0, 1], [dict(ex, id=str(i + 1), line=i + 1)
                                                       for i, ex in enumerate(examples)])
-    missing = missing_examples(split, features)
-    assert missing == [1]
-    assert describe_missing(split, missing, max_length=32) == (
+    assert missing_examples(split, features) == [1]
+    count, where = missing_report(split, features)
+    assert describe_missing("train", split.total, count, where, 32) == (
         "1 of 2 train examples have their two arguments further apart than 32 tokens (--max-length): "
         "left out of training (e.g. id 2, train.jsonl:2)")
+    assert "predicted as the negative label" in describe_missing("test", 2, 1, None, 32)
     # evaluation: no row -> the negative label, probability nan, and it is scored
     id2label = {0: "A(e1,e2)", 1: "Other"}
     assert task.merge(split.examples[1], [], id2label)[0] == "Other"
@@ -637,3 +645,23 @@ def test_task_shape():
     with pytest.raises(HvdftError, match="--markers must be one of tokens, punct"):
         RelationTask(RelationOptions(markers="brackets"))
     assert len(SEMEVAL_LABELS) == 19 and len(SEMEVAL_RELATIONS) == 9
+
+
+@pytest.mark.needs_shared_data
+def test_plain_reference_loop_runs_and_matches_the_scorer(tmp_path):
+    """benchmarks/plain_re.py on a small slice (tiny random model): it trains, and its
+    official number is the Perl scorer's on the answer file it writes."""
+    need_scorer()
+    from tests.conftest import ROOT, run
+    from tests.ft_support import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "plain.json"
+    run([sys.executable, str(ROOT / "benchmarks" / "plain_re.py"), "--model", str(model),
+         "--train-file", str(TRAIN), "--test-file", str(TEST_FULL), "--max-train-samples", "48",
+         "--max-eval-samples", "40", "--batch-size", "16", "--epochs", "1", "--threads", "1",
+         "--output", str(out), "--answers", str(tmp_path / "answers.txt"), "--scorer", str(SCORER)], timeout=600)
+    result = json.loads(out.read_text())
+    assert result["steps"] == 3 and result["train_sentences"] == 48 and result["test_sentences"] == 40
+    assert f"macro-averaged F1 = {result['macro_f1']:.2f}%" in result["perl_official"]
+    assert len((tmp_path / "answers.txt").read_text().splitlines()) == 40

@@ -570,20 +570,24 @@ def missing_examples(split: Split, features: dict[str, list]) -> list[int]:
     return [i for i in range(len(split.examples)) if i not in have]
 
 
-def describe_missing(split: Split, missing: list[int], total_missing: int | None = None,
-                     max_length: int | None = None) -> str:
-    """One warning line: how many examples of a split are too long, with an example."""
-    count = total_missing if total_missing is not None else len(missing)
-    where = ""
-    if missing:
-        ex = split.examples[missing[0]]
-        where = f" (e.g. id {ex['id']}" + (f", {split.source}:{ex['line']}" if ex.get("line") else "") + ")"
+def missing_report(split: Split, features: dict[str, list]) -> tuple[int, str | None]:
+    """(count, where the first is: "id 312, FILE:1245") of this rank's examples without a row;
+    small and picklable, for the engine to gather over the ranks."""
+    missing = missing_examples(split, features)
+    if not missing:
+        return 0, None
+    ex = split.examples[missing[0]]
+    return len(missing), f"id {ex['id']}" + (f", {split.source}:{ex['line']}" if ex.get("line") else "")
+
+
+def describe_missing(split_name: str, total: int, count: int, where: str | None, max_length: int | None) -> str:
+    """The warning line for `count` of `total` examples of a split whose arguments do not fit."""
     limit = f"{max_length} tokens (--max-length)" if max_length else "--max-length"
-    action = ("left out of training" if split.name == "train"
-              else "predicted as the negative label without the model, as the official scorer counts a "
-                   "skipped example (and scored)")
-    return (f"{count} of {split.total} {split.name} examples have their two arguments further apart than "
-            f"{limit}: {action}{where}")
+    action = ("left out of training" if split_name == "train"
+              else "predicted as the negative label without the model (the official scorer's treatment of a "
+                   "skipped example) and scored")
+    return (f"{count} of {total} {split_name} examples have their two arguments further apart than {limit}: "
+            f"{action}" + (f" (e.g. {where})" if where else ""))
 
 
 # ----------------------------------------------------------------------------- scoring
