@@ -750,7 +750,7 @@ def score_relations(
     lines.append(format_report(metrics19, renamed, short, matrix, len(gold)).rstrip("\n"))
     if short != classes:
         legend = ", ".join(f"{s} = {c}" for s, c in zip(short, classes, strict=True))
-        lines += [""] + textwrap.wrap("labels: " + legend, 110, subsequent_indent="  ")
+        lines += [""] + textwrap.wrap("labels: " + legend, 110, subsequent_indent="  ", break_on_hyphens=False)
     metrics = {
         "macro_f1": official.macro_f1 / 100,
         "macro_precision": official.macro_precision / 100,
