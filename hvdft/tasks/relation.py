@@ -523,9 +523,9 @@ def featurize_examples(
         text, block = mark(example, style, typed)
         texts.append(text)
         blocks.append(block)
-    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=False)
-    if not getattr(enc, "is_fast", False) and not getattr(tokenizer, "is_fast", False):
+    if not getattr(tokenizer, "is_fast", False):
         raise HvdftError("relation extraction needs a fast tokenizer (character offsets)")
+    enc = tokenizer(texts, add_special_tokens=True)
     has_types = "token_type_ids" in enc
     out: dict[str, list] = {"input_ids": [], "labels": [], "example": [], "length": [], "e1_index": [],
                             "e2_index": []}
@@ -858,8 +858,8 @@ class RelationTask(Task):
             if names is not None and len(dataset) and all(v is None or v < 0 for v in dataset[label_col]):
                 return None
         ids, examples = [], []
-        for gid in range(shard.rank, len(dataset), shard.world):
-            row = dataset[gid]
+        rows = dataset.shard(num_shards=shard.world, index=shard.rank, contiguous=False)  # rows i % world == rank
+        for gid, row in zip(range(shard.rank, len(dataset), shard.world), rows, strict=True):
             try:
                 examples.append(example_from_record(row, self.options, gid, None, True, names))
             except ValueError as exc:
