@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -34,12 +34,15 @@ def init(threads_per_rank: int | None = None) -> None:
         return
     import horovod.torch as hvd
 
-    if _launched_by_mpi() and hvd.mpi_built():
+    if launched_by_mpi() and hvd.mpi_built():
         from mpi4py import MPI
 
         hvd.init(comm=MPI.COMM_WORLD)
     else:
         hvd.init()
+    # Before _hvd is set: the error counts as found before Horovod started, and the
+    # launcher's numbering (SLURM_PROCID) decides which task prints it.
+    _check_not_split_job(hvd.size())
     _hvd = hvd
     if threads_per_rank is None and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one host share its cores; oversubscribing threads halves throughput.
@@ -50,8 +53,36 @@ def init(threads_per_rank: int | None = None) -> None:
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
 
 
-def _launched_by_mpi() -> bool:
-    return any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"))
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def launched_by_mpi() -> bool:
+    """True in a process started by mpirun or srun --mpi (MPI_COMM_WORLD holds the job)."""
+    return any(k in os.environ for k in _MPI_RANK_VARS)
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher numbered it, readable before Horovod starts
+    (horovodrun, mpirun, srun); 0 when started alone. Used to print an error found before
+    `init()` once per job rather than once per rank."""
+    for key in ("HOROVOD_RANK", *_MPI_RANK_VARS, "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _check_not_split_job(world: int) -> None:
+    """`srun -n 4 hvdft train` without --mpi starts four one-rank jobs that all train
+    alone and write into one folder. Refuse that before anything is written."""
+    # srun sets SLURM_STEP_NUM_TASKS for the tasks of a step (not SLURM_NTASKS, which a
+    # batch script also has while it runs as one process).
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or "1"
+    if world == 1 and "SLURM_PROCID" in os.environ and tasks.isdigit() and int(tasks) > 1:
+        raise HvdftError(
+            f"Slurm started {tasks} tasks but Horovod sees 1 rank: srun ran {tasks} separate one-rank jobs. "
+            "Use `srun --mpi=pmix` (or pmi2), or `hvdft launch` inside the allocation"
+        )
 
 
 def _require() -> Any:
@@ -150,10 +181,53 @@ def agree(step: Callable[[], T]) -> T:
         if message is not None:
             everywhere = all(m == message for m in errors)  # e.g. a missing file: no rank to name
             suffix = f" (found on rank {r})" if size() > 1 and not everywhere else ""
-            agreed = HvdftError(message + suffix)
-            agreed.agreed = True  # every rank raises it: rank 0 alone needs to print it
-            raise agreed
+            raise HvdftError(message + suffix, everywhere=True)  # rank 0 alone needs to print it
     return result  # type: ignore[return-value]
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """Rank 0 computes, every rank receives the result (errors agreed, as in `agree`).
+
+        path = dist.on_main(lambda: resolve_resume(spec, output_dir))
+        state = dist.on_main(lambda: read_checkpoint(path))
+    """
+    return broadcast_object(agree(lambda: compute() if is_main() else None))
+
+
+def main_only(action: Callable[[], Any]) -> None:
+    """Rank 0 acts (writes a file, checks a folder); an HvdftError it raises stops every rank.
+
+        dist.main_only(lambda: check_output_dir(output_dir))
+        dist.main_only(lambda: save_model(folder, model))
+    """
+    agree(lambda: action() if is_main() else None)
+
+
+def main_first(load: Callable[[], T]) -> T:
+    """Rank 0 runs `load` first (it downloads or builds a cache), then the others run it
+    and find the cache; an HvdftError on rank 0 stops every rank before they start.
+
+        dataset = dist.main_first(lambda: datasets.load_dataset(name))
+    """
+    if is_main():
+        result = agree(load)
+        barrier()
+        return result
+    agree(lambda: None)
+    barrier()
+    return agree(load)
+
+
+def gather_in_order(ids: Sequence[int], items: Sequence[T]) -> list[T] | None:
+    """Collective: every rank's items, sorted by their global ids, on rank 0 (None elsewhere).
+
+        ordered = dist.gather_in_order(split.ids, predictions)
+        if ordered is not None: write(ordered)
+    """
+    parts = allgather_object(list(zip(ids, items, strict=True)))
+    if not is_main():
+        return None
+    return [item for _, item in sorted((pair for part in parts for pair in part), key=lambda pair: pair[0])]
 
 
 # ---------------------------------------------------------------- optimizer and state
@@ -180,6 +254,40 @@ def wrap_optimizer(
         backward_passes_per_step=backward_passes_per_step,
         op={"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}[op],
     )
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, scaler: Any, max_grad_norm: float
+) -> torch.Tensor:
+    """One optimizer step of a wrapped optimizer: the whole Horovod step protocol.
+
+    Waits for the background gradient allreduce (`synchronize`), unscales an fp16 loss
+    scale, clips the averaged gradient to `max_grad_norm` (0: no clipping), then steps
+    under `skip_synchronize` so Horovod does not reduce a second time, updates the loss
+    scale and zeroes the gradients. Returns the global L2 norm of the averaged gradient
+    before clipping (a 0-d tensor on the gradients' device: no host sync here).
+
+    Adasum: Horovod's Adasum optimizer combines the ranks' *updates* inside `step()` and
+    has no `skip_synchronize`; the gradients clipped here are then the local ones.
+
+        grad_norm = dist.optimizer_step(optimizer, model, scaler, max_grad_norm=1.0)
+        scheduler.step()
+    """
+    optimizer.synchronize()
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(optimizer, "skip_synchronize"):
+        with optimizer.skip_synchronize():
+            scaler.step(optimizer)
+    else:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    return norm.detach()
 
 
 def broadcast_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

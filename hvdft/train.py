@@ -1,329 +1,646 @@
-"""The training loop, top to bottom: data, model, optimizer, steps, evaluation, outputs.
+"""The training loop, shared by every task: `train()` is its outline, read top to bottom.
 
-Shared by every task. Horovod appears only through `hvdft.dist`.
+Phases: start (Horovod, output folder) -> setup (this rank's data shard, tokenizer,
+features, model, optimizer, schedule, sampler: one `Setup` record) -> resume or start
+afresh (the loop state: one `Progress` record) -> the loop (step, log, evaluate, save) ->
+interrupted (checkpoint, exit 130) or finish (best model, test set, outputs).
+
+Horovod appears only through `hvdft.dist`; test hooks only through `hvdft.testhooks`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from hvdft import dist
+from hvdft import dist, optim, outputs
 from hvdft.checkpoint import (
-    RUN_FILE,
     list_checkpoints,
     load_state,
     load_weights,
+    plain,
     prune,
     resolve_resume,
+    rng_state,
     save_checkpoint,
-    write_atomically,
+    set_rng_state,
 )
-from hvdft.config import RESUME_MUST_MATCH, TrainConfig
-from hvdft.data.prepare import collate, read_splits, tokenize
+from hvdft.config import TrainConfig
+from hvdft.data.files import Split
+from hvdft.data.prepare import Batch, collate, read_splits, tokenize
 from hvdft.data.sampler import DistributedBatchSampler
 from hvdft.errors import HvdftError, Interrupted
-from hvdft.evaluate import Evaluation, autocast, evaluate
+from hvdft.evaluate import Evaluator, autocast
 from hvdft.models import resolve_model
 from hvdft.tasks import get_task
+from hvdft.tasks.base import Task
+from hvdft.testhooks import Hooks
 
 log = logging.getLogger("hvdft")
 
 
+@dataclass
+class Progress:
+    """The loop state: exactly what a checkpoint stores and a resume restores."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress
+    batch_in_epoch: int = 0  # this epoch's batches each rank has trained on
+    best_metric: float | None = None
+    best_step: int | None = None  # the step of the evaluation that gave best_metric
+    bad_evals: int = 0  # evaluations since the last improvement
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation
+    stopped_early: bool = False
+    train_loss_sum: float = 0.0  # summed over all ranks and logged steps
+    train_targets: float = 0.0  # the loss terms of train_loss_sum
+    tokens: float = 0.0  # real (non-padding) tokens of the logged steps, all ranks
+    train_time: float = 0.0  # seconds spent in training steps
+    total_steps: int = 0  # the plan: optimizer steps of the whole run (replanned on a resize)
+    # A partial epoch: the rows (global example id, window number) already trained on when
+    # the epoch's remainder started on another number of ranks; they are left out.
+    epoch_excluded: list[list[int]] = field(default_factory=list)
+    # At a mid-epoch checkpoint: every row of this epoch trained on so far, all ranks.
+    seen: list[list[int]] = field(default_factory=list)
+    # Per rank [loss sum, loss terms, tokens] not yet in a log line when the checkpoint was
+    # written: each rank continues its own, so a resumed run logs what an uninterrupted one does.
+    pending: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class Setup:
+    """What setup built; the loop reads it, the checkpoint saves its stateful parts."""
+
+    cfg: TrainConfig
+    task: Task
+    device: torch.device
+    splits: dict[str, Split]
+    features: dict[str, dict[str, list]]
+    labels: list[str]
+    tokenizer: Any
+    pad_id: int
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    sampler: DistributedBatchSampler
+    evaluator: Evaluator
+    lr: float  # the effective peak learning rate
+    steps_per_epoch: int
+    total_steps: int
+    info: dict[str, Any]  # the run description saved beside every model (hvdft_run.json)
+    hooks: Hooks
+    row_keys: list[tuple[int, int]] = field(default_factory=list)  # train row -> (global example id, window)
+    resumed_from: Path | None = None
+    resumed_note: str = ""  # what a resume on another number of ranks changed
+    best_weights: dict[str, torch.Tensor] | None = None  # this process's copy of the best model
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def metric(self) -> str:
+        return self.cfg.metric or self.task.default_metric
+
+
+class Window:
+    """This rank's sums since the last log line: loss (on the device: no per-step host
+    sync), loss terms, real tokens, and the last step's gradient norm."""
+
+    def __init__(self, device: torch.device, sums: list[float] | None = None) -> None:
+        loss, targets, tokens = sums or (0.0, 0, 0)
+        self.loss = torch.tensor(loss, dtype=torch.float32, device=device)
+        self.targets, self.tokens = int(targets), int(tokens)
+        self.grad_norm: torch.Tensor | None = None
+        self.since = time.perf_counter()  # when the last log line was written
+
+    def sums(self) -> list[float]:
+        return [float(self.loss), self.targets, self.tokens]
+
+    def totals(self) -> torch.Tensor:
+        """Collective: [loss, loss terms, tokens] over all ranks; this rank's sums reset."""
+        out = dist.allreduce(torch.tensor(self.sums(), dtype=torch.float64), name="log")
+        self.loss.zero_()
+        self.targets = self.tokens = 0
+        return out
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Fine-tune `cfg.model` on every rank of the job; rank 0 writes the outputs.
+
+    Collective: every rank calls it with the same configuration. Returns the results
+    (the all_results.json figures). Raises HvdftError for bad input (on every rank),
+    Interrupted after a SIGTERM/SIGINT (a checkpoint has been written).
+    """
+    start(cfg)
+    run = setup(cfg)
+    progress, window = resume_or_start(run)
+    show_header(run)
+    display = outputs.Display(run.total_steps, progress.step)
+    metrics = outputs.MetricsLog(run.output_dir / "metrics.jsonl", append=run.resumed_from is not None)
+    try:
+        with StopSignals() as stop:
+            clock = time.perf_counter()
+            for micro in step_batches(run, progress):
+                run.hooks.before_step(progress.step + 1, stop)
+                if not train_step(run, micro, window, stop):
+                    interrupted(run, progress, window)
+                epoch_done = advance(run, progress, micro)
+                progress.train_time += time.perf_counter() - clock
+                display.step()
+                if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
+                    log_step(run, progress, window, metrics, display)
+                if "validation" in run.splits and (progress.step % cfg.eval_every == 0 if cfg.eval_every
+                                                   else epoch_done):
+                    evaluate_and_keep_best(run, progress, metrics, display)
+                if (progress.step % cfg.save_every == 0 if cfg.save_every else epoch_done) or progress.stopped_early:
+                    save(run, progress, window)
+                if progress.stopped_early:
+                    break
+                clock = time.perf_counter()
+    finally:
+        display.close()
+        metrics.close()
+    return finish(run, progress, window)
+
+
+# ----------------------------------------------------------------------------- start, setup
+
+
+def start(cfg: TrainConfig) -> None:
+    """Validate the options, start Horovod, check the output folder (rank 0)."""
     cfg.validate()
     dist.init()
-    rank, world, device = dist.rank(), dist.size(), dist.device()
-    task = get_task(cfg.task)
-    output_dir = Path(cfg.output_dir)
-    _configure_cuda(device)
-    dist.agree(lambda: _check_output_dir(output_dir, bool(cfg.resume), cfg.overwrite_output_dir))
-    stop = _StopFlag()
+    device = dist.device()
+    if device.type == "cuda":
+        _configure_cuda()
+    dist.main_only(lambda: _check_output_dir(Path(cfg.output_dir), bool(cfg.resume), cfg.overwrite_output_dir))
 
-    # ---- data: each rank reads and tokenizes only its own shard --------------------------
-    splits = read_splits(task, cfg, ("train", "validation", "test"))
-    labels = task.sort_labels(set().union(*dist.allgather_object(task.labels(splits["train"]))))
-    label2id = {label: i for i, label in enumerate(labels)}
-    id2label = dict(enumerate(labels))
-    for name in ("validation", "test"):
-        if name in splits:
-            _warn_unseen_labels(task, splits[name], label2id)
 
+def setup(cfg: TrainConfig) -> Setup:
+    """This rank's data shard and features, the model, optimizer, schedule and sampler."""
     from transformers import AutoConfig, AutoTokenizer
 
+    world, device = dist.size(), dist.device()
+    task = get_task(cfg.task, cfg.task_options, cfg.encoding)
+    splits = read_splits(task, cfg)
+    labels = _label_set(task, splits)
+    label2id = {label: i for i, label in enumerate(labels)}
     model_path = dist.agree(lambda: resolve_model(cfg.model))
     model_config = dist.agree(lambda: _load(AutoConfig.from_pretrained, model_path, cfg))
     tokenizer = dist.agree(lambda: _tokenizer(AutoTokenizer, model_path, model_config, cfg))
-    max_length = dist.agree(lambda: _max_length(cfg, model_config, tokenizer))
-    features = {
-        name: tokenize(task, split, tokenizer, label2id, max_length, cfg.label_all_tokens, cfg.cache_dir)
-        for name, split in splits.items()
-    }
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    task.prepare_tokenizer(tokenizer)
+    max_length = dist.agree(lambda: _max_length(cfg, model_config, tokenizer, task.default_max_length))
+    features = {name: tokenize(task, split, tokenizer, label2id, max_length, cfg.cache_dir)
+                for name, split in splits.items()}
+    for name, split in splits.items():
+        _warn_examples_without_rows(task, split, features[name], max_length)
 
-    # ---- model, optimizer, schedule ---------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model_config.num_labels = len(labels)
-    model_config.id2label, model_config.label2id = id2label, label2id
-    model_config.hvdft_task = task.name
-    if not cfg.dropout:
-        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout"):
-            if hasattr(model_config, key):
-                setattr(model_config, key, 0.0)
-    model = dist.agree(lambda: _load(task.model_class().from_pretrained, model_path, cfg, config=model_config))
+    _configure_model(model_config, task, labels, cfg.dropout)
+    model = dist.agree(lambda: _load(task.build_model, model_path, cfg, config=model_config, tokenizer=tokenizer))
     model.to(device)
     model.train()
 
-    rows = dist.allgather_object(len(features["train"]["input_ids"]))
+    sampler = _sampler(cfg, features["train"], splits["train"])
+    steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
+    total_steps = _cap(cfg, math.ceil(steps_per_epoch * cfg.epochs))
+    lr = optim.effective_lr(cfg.lr, cfg.scale_lr, world, cfg.allreduce_op)
+    optimizer = dist.wrap_optimizer(
+        optim.adamw(model, lr, cfg.weight_decay, device), model.named_parameters(),
+        backward_passes_per_step=cfg.grad_accum, fp16_allreduce=cfg.fp16_allreduce, op=cfg.allreduce_op,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    id2label = dict(enumerate(labels))
+    evaluator = Evaluator(task, model, id2label, cfg.batch_size * 2, pad_id, cfg.precision)
+    info = {"config": cfg.to_dict(), "labels": labels, "world_size": world, "model_path": model_path}
+    run = Setup(cfg, task, device, splits, features, labels, tokenizer, pad_id, model, optimizer, None,
+                scaler, sampler, evaluator, lr, steps_per_epoch, total_steps, info, Hooks.from_env(dist.rank()),
+                row_keys=_row_keys(features["train"]["example"], splits["train"].ids))
+    _schedule(run, total_steps)
+    return run
+
+
+def _cap(cfg: TrainConfig, steps: int) -> int:
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def _schedule(run: Setup, total_steps: int) -> None:
+    """The linear warm-up/decay schedule over `total_steps`, on the wrapped optimizer
+    (Horovod's wrapper is a new object: a scheduler bound to the inner one never steps)."""
+    run.total_steps = total_steps
+    warmup = int(run.cfg.warmup_ratio * total_steps)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, optim.linear_schedule(warmup, total_steps))
+
+
+def _row_keys(examples: list[int], ids: list[int]) -> list[tuple[int, int]]:
+    """Each training row's identity on any number of ranks: (global example id, its
+    window number within the example)."""
+    count: dict[int, int] = {}
+    keys = []
+    for local in examples:
+        k = count.get(local, 0)
+        count[local] = k + 1
+        keys.append((ids[local], k))
+    return keys
+
+
+def _label_set(task: Task, splits: dict[str, Split]) -> list[str]:
+    """The training data's labels over all ranks; unseen dev/test labels are warned about."""
+    if not task.has_labels:
+        return []
+    labels = task.sort_labels(set().union(*dist.allgather_object(task.labels(splits["train"]))))
+    label2id = {label: i for i, label in enumerate(labels)}
+    for name in ("validation", "test"):
+        if name in splits:
+            _warn_unseen_labels(task, splits[name], label2id)
+    return labels
+
+
+def _configure_model(model_config: Any, task: Task, labels: list[str], dropout: bool) -> None:
+    model_config.hvdft_task = task.name
+    if task.has_labels:
+        model_config.num_labels = len(labels)
+        model_config.id2label = dict(enumerate(labels))
+        model_config.label2id = {label: i for i, label in enumerate(labels)}
+    if not dropout:
+        _no_dropout(model_config)
+
+
+def _no_dropout(model_config: Any) -> None:
+    """Every dropout probability of a config (and of its encoder/decoder parts) to 0."""
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                "attention_dropout", "activation_dropout", "dropout_rate"):
+        if hasattr(model_config, key):
+            setattr(model_config, key, 0.0)
+    for part in ("encoder", "decoder"):
+        if hasattr(model_config, part) and hasattr(getattr(model_config, part), "to_dict"):
+            _no_dropout(getattr(model_config, part))
+
+
+def _sampler(cfg: TrainConfig, features: dict[str, list], split: Split) -> DistributedBatchSampler:
+    rows = dist.allgather_object(len(features["input_ids"]))
     if min(rows) == 0:  # e.g. the rows of a JSON file a rank owns are all empty
-        raise HvdftError(f"rank {rows.index(0)} holds no training sentence: every rank needs one",
-                         splits["train"].source)
-    per_rank = max(rows)
-    sampler = DistributedBatchSampler(
-        features["train"]["length"], per_rank, rank, world, cfg.batch_size,
+        raise HvdftError(f"rank {rows.index(0)} holds no training example: every rank needs one", split.source,
+                         everywhere=True)
+    return DistributedBatchSampler(
+        features["length"], max(rows), dist.rank(), dist.size(), cfg.batch_size,
         shuffle=cfg.shuffle, group_by_length=cfg.group_by_length, seed=cfg.seed,
     )
-    steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
-    total_steps = math.ceil(steps_per_epoch * cfg.epochs)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    average = cfg.allreduce_op == "average"
-    # Horovod's convention: N ranks take N-times larger batches, so N-times the rate.
-    lr = cfg.lr * (world if cfg.scale_lr and average else 1)
-    optimizer = _adamw(model, lr, cfg.weight_decay, device)
-    optimizer = dist.wrap_optimizer(
-        optimizer, model.named_parameters(), backward_passes_per_step=cfg.grad_accum,
-        fp16_allreduce=cfg.fp16_allreduce, op=cfg.allreduce_op,
-    )
-    # On the wrapped optimizer: Horovod's wrapper is a new object, and a scheduler bound
-    # to the inner one would never see a step.
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    run = {"config": cfg.to_dict(), "labels": labels, "world_size": world, "model_path": model_path}
 
-    # ---- resume: rank 0 reads the checkpoint, everything is broadcast -----------------------
-    step, epoch, skip, best_metric, bad_evals = 0, 0, 0, None, 0
-    history: list[dict[str, Any]] = []
-    resumed_from: Path | None = None
+
+# ----------------------------------------------------------------------------- resume
+
+
+def resume_or_start(run: Setup) -> tuple[Progress, Window]:
+    """The loop state from the checkpoint `--resume` names (rank 0 reads it, every rank
+    receives it), or a fresh one; then rank 0's weights and optimizer state for all."""
+    cfg, rank, world = run.cfg, dist.rank(), dist.size()
+    progress = Progress(total_steps=run.total_steps)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, reproducibly
-    if cfg.resume:
-        resumed_from = dist.broadcast_object(
-            dist.agree(lambda: resolve_resume(cfg.resume, output_dir) if dist.is_main() else None)
-        )
-        state = dist.agree(
-            lambda: _read_checkpoint(resumed_from, cfg, labels, model, optimizer) if dist.is_main() else None
-        )
-        # The optimizer state travels once, in broadcast_training_state below.
-        state = dist.broadcast_object({k: v for k, v in state.items() if k != "optimizer"} if state else None)
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        p = state["progress"]
-        step, epoch, skip = p["step"], p["epoch"], p["batch_in_epoch"]
-        best_metric, bad_evals, history = p["best_metric"], p["bad_evals"], p["history"]
+    path = dist.on_main(lambda: resolve_resume(cfg.resume, run.output_dir)) if cfg.resume else None
+    if path is not None:
+        state = dist.on_main(lambda: _read_checkpoint(path, run))
+        known = {f.name for f in fields(Progress)}
+        progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
+        if state["world_size"] != world and (progress.batch_in_epoch or progress.epoch_excluded):
+            _replan_for_new_world(run, progress, state["world_size"])
+        elif progress.total_steps and progress.total_steps != run.total_steps:
+            _schedule(run, progress.total_steps)  # the plan of an earlier resize
+        run.scheduler.load_state_dict(state["scheduler"])
+        _apply_lr(run, progress.step)
+        run.scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == world:
-            _set_rng(state["rng"][rank])
+            set_rng_state(state["rng"][rank])
+        run.resumed_from = path
         if dist.is_main():
-            _truncate_metrics_log(output_dir / "metrics.jsonl", step)
-    debug = _Debug(rank)
-    debug.hashes("before_broadcast", model, optimizer)
-    dist.broadcast_training_state(model, optimizer)
-    debug.hashes("after_broadcast", model, optimizer)
-    best: dict[str, torch.Tensor] | None = None  # best weights seen by this process
+            outputs.truncate_metrics_log(run.output_dir / "metrics.jsonl", progress.step)
+    progress.total_steps = run.total_steps
+    run.hooks.snapshot("before_broadcast", run.model, run.optimizer)
+    dist.broadcast_training_state(run.model, run.optimizer)
+    run.hooks.snapshot("after_broadcast", run.model, run.optimizer)
+    return progress, Window(run.device, _own_pending(progress.pending, rank, world))
 
-    metric_name = cfg.metric or task.default_metric
-    _header(cfg, task.name, world, lr, steps_per_epoch, total_steps, splits, device, resumed_from)
 
-    # ---- the loop ---------------------------------------------------------------------------
-    progress = _progress(total_steps, step)
-    metrics_log = open(output_dir / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8") \
-        if dist.is_main() else None
-    running_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
-    running_count = 0
-    if cfg.resume and dist.is_main():  # the loss summed since the last log line before the checkpoint
-        running_loss += state["progress"].get("log_sums", [0.0, 0])[0]
-        running_count = int(state["progress"].get("log_sums", [0.0, 0])[1])
-    tokens = 0  # real (non-padding) tokens this rank trained on
-    train_time = 0.0
-    last_log, last_log_tokens = time.perf_counter(), 0.0
-    stopped_early = interrupted = False
-    batch_in_epoch = skip
-    stop.install()
+def _apply_lr(run: Setup, step: int) -> None:
+    """The learning-rate rule of this job (its world size) at `step`, whatever the
+    checkpoint's world size was: the schedule restarts from the effective rate."""
+    run.scheduler.base_lrs = [run.lr for _ in run.optimizer.param_groups]
+    for group, factor in zip(run.optimizer.param_groups, run.scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = run.lr, run.lr * factor(step)
+
+
+def _replan_for_new_world(run: Setup, progress: Progress, saved_world: int) -> None:
+    """A mid-epoch checkpoint of `saved_world` ranks resumed on this job's: the rows of the
+    epoch not yet trained on are re-partitioned over the ranks (strided by example, as
+    always) and the plan's remaining steps are counted at this world size.
+
+    Rule: the run still trains `--epochs` epochs of data. Steps done stay done; the rest of
+    this epoch (its target share of rows, for a fractional last epoch) is trained at this
+    job's global batch, then the remaining whole epochs; `--max-steps` still caps the total.
+    """
+    cfg, world = run.cfg, dist.size()
+    progress.epoch_excluded, progress.batch_in_epoch = progress.seen, 0
+    seen = {tuple(key) for key in progress.seen}
+    keep = sum(key not in seen for key in run.row_keys)
+    per_rank = max(dist.allgather_object(keep))
+    total_rows = sum(dist.allgather_object(len(run.row_keys)))
+    batches = math.ceil(max(per_rank, 1) / cfg.batch_size)  # the whole remainder, evened out
+    share = cfg.epochs - progress.epoch
+    if share < 1:  # the run ends inside this epoch: only its target share of rows
+        target = max(0, math.ceil(share * total_rows) - len(seen))
+        batches = min(batches, math.ceil(target / (cfg.batch_size * world)))
+    later = math.ceil(run.steps_per_epoch * max(0.0, cfg.epochs - progress.epoch - 1))
+    _schedule(run, _cap(cfg, progress.step + math.ceil(batches / cfg.grad_accum) + later))
+    run.resumed_note = (f"written mid-epoch by {saved_world} rank(s), resumed on {world}: the {total_rows - len(seen)} "
+                        f"rows of epoch {progress.epoch} not yet trained on re-partitioned; global batch "
+                        f"{cfg.batch_size * saved_world * cfg.grad_accum} -> {cfg.batch_size * world * cfg.grad_accum},"
+                        f" lr {run.lr:g}, {run.total_steps} steps in all")
+
+
+def _own_pending(pending: list[list[float]], rank: int, world: int) -> list[float] | None:
+    """This rank's unlogged sums from the checkpoint: its own when the world is the same
+    size, else rank 0 takes them all (the next log line still counts every one)."""
+    if not pending:
+        return None
+    if len(pending) == world:
+        return pending[rank]
+    return [sum(p[i] for p in pending) for i in range(3)] if rank == 0 else None
+
+
+def _read_checkpoint(folder: Path, run: Setup) -> dict[str, Any]:
+    """Rank 0: check the checkpoint belongs to this run, load its weights and optimizer
+    state; returns the rest (the optimizer state travels in the initial broadcast)."""
+    state, saved = load_state(folder)
+    config = saved.get("config", {})
+    for key in run.cfg.must_match():
+        if config.get(key) != run.cfg.get(key):
+            raise HvdftError(
+                f"--resume: checkpoint was made with {key}={config.get(key)!r}, this run has {run.cfg.get(key)!r}",
+                folder,
+            )
+    if saved.get("labels") != run.labels:
+        raise HvdftError(f"--resume: checkpoint's labels {saved.get('labels')} differ from this data's {run.labels}",
+                         folder)
+    load_weights(run.model, folder)
     try:
-        while step < total_steps and not (stopped_early or interrupted):
-            sampler.set_epoch(epoch, skip)
-            batches = iter(sampler)
-            batch_in_epoch, skip = skip, 0
-            while step < total_steps:
-                t0 = time.perf_counter()
-                micro = [collate(features["train"], rows, pad_id, cfg.pad_to_multiple_of)
-                         for _, rows in zip(range(cfg.grad_accum), batches, strict=False)]
-                if not micro:
-                    break
-                _inject_fault(rank, step + 1, stop)  # test-only, inert unless HVDFT_FAULT is set
-                # One tiny allreduce per step carries the labelled-target count, which
-                # normalises the loss exactly as one big batch would, and the stop flag
-                # (SIGTERM/SIGINT reached some rank): all ranks stop at the same step.
-                local_count = sum(int((b.labels != -100).sum()) for b in micro)
-                agreed = dist.allreduce(torch.tensor([float(local_count), float(stop.raised)]), name="step")
-                if agreed[1] > 0:
-                    interrupted = True
-                    break
-                batch_in_epoch += len(micro)
-                denom = max(float(agreed[0]) / world if average else float(local_count), 1.0)
-                for b in micro:
-                    inputs = {k: v.to(device, non_blocking=True) for k, v in b.inputs.items()}
-                    target = b.labels.to(device, non_blocking=True)
-                    with autocast(device, cfg.precision):
-                        logits = model(**inputs).logits
-                    loss_sum = torch.nn.functional.cross_entropy(
-                        logits.float().view(-1, logits.shape[-1]), target.view(-1),
-                        ignore_index=-100, reduction="sum",
-                    )
-                    scaler.scale(loss_sum / denom).backward()
-                    running_loss += loss_sum.detach()
-                    tokens += b.real_tokens
-                running_count += local_count
-                # Clip the averaged gradients: wait for the allreduce, unscale, clip, step.
-                # (Adasum reduces the updates inside step() instead: it clips local gradients.)
-                optimizer.synchronize()
-                scaler.unscale_(optimizer)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if average:
-                    with optimizer.skip_synchronize():
-                        scaler.step(optimizer)
-                else:  # Horovod's Adasum optimizer has no skip_synchronize()
-                    scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad()
-                step += 1
-                train_time += time.perf_counter() - t0
-                debug.step(step, epoch, [[splits["train"].ids[features["train"]["example"][r]] for r in b.rows]
-                                         for b in micro])
-                progress.update(1)
-                end_of_epoch = batch_in_epoch >= len(sampler)
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise HvdftError(f"--resume: optimizer state does not fit this model: {exc}".splitlines()[0], folder) from None
+    return {**{k: v for k, v in state.items() if k != "optimizer"}, "world_size": saved.get("world_size")}
 
-                if step % cfg.log_every == 0 or step == total_steps:
-                    totals = dist.allreduce(
-                        torch.tensor([running_loss.item(), running_count, tokens], dtype=torch.float64), name="log"
-                    )
-                    now = time.perf_counter()
-                    rate = (float(totals[2]) - last_log_tokens) / max(now - last_log, 1e-9)
-                    last_log, last_log_tokens = now, float(totals[2])
-                    record = {
-                        "step": step, "epoch": round(epoch + batch_in_epoch / len(sampler), 4),
-                        "loss": float(totals[0] / max(float(totals[1]), 1.0)),
-                        "lr": scheduler.get_last_lr()[0], "tokens_per_second": rate,
-                    }
-                    running_loss.zero_()
-                    running_count = 0
-                    _log_record(metrics_log, record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
 
-                due = step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
-                if "validation" in splits and due:
-                    evaluation = evaluate(task, model, splits["validation"], features["validation"],
-                                          id2label, cfg.batch_size * 2, pad_id, cfg.precision)
-                    score = evaluation.metrics[metric_name]
-                    entry = {"step": step, **{f"eval_{k}": v for k, v in evaluation.metrics.items()}}
-                    history.append(entry)
-                    _log_record(metrics_log, entry)
-                    if dist.is_main():
-                        progress.write(f"step {step}: eval {metric_name} {score:.4f}, "
-                                       f"loss {evaluation.metrics['loss']:.4f}")
-                    if best_metric is None or score > best_metric:
-                        best_metric, bad_evals = score, 0
-                        best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                        if dist.is_main():
-                            _save_model(output_dir / "checkpoints" / "best", model, tokenizer, run)
-                    else:
-                        bad_evals += 1
-                        if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                            if dist.is_main():
-                                progress.write(f"early stopping: no {metric_name} gain in {bad_evals} evaluations")
-                            stopped_early = True
+# ----------------------------------------------------------------------------- the loop
 
-                if (step % cfg.save_every == 0 if cfg.save_every else end_of_epoch) or stopped_early:
-                    position = (epoch + 1, 0) if end_of_epoch else (epoch, batch_in_epoch)
-                    _checkpoint(output_dir, cfg, model, tokenizer, optimizer, scheduler, scaler, run,
-                                step, position, best_metric, bad_evals, history,
-                                log_sums=(float(running_loss), running_count))
-                if stopped_early:
-                    break
-            if not interrupted:
-                epoch += 1
-    finally:
-        if not interrupted:
-            stop.restore()
-        progress.close()
-        if metrics_log:
-            metrics_log.close()
 
-    if interrupted:
-        try:  # the handlers stay: a repeated SIGTERM must not kill the checkpoint's writer
-            _checkpoint(output_dir, cfg, model, tokenizer, optimizer, scheduler, scaler, run,
-                        step, (epoch, batch_in_epoch), best_metric, bad_evals, history,
-                        log_sums=(float(running_loss), running_count))
-            # Nobody exits before rank 0 has written it: a launcher that sees one rank
-            # exit kills the others, rank 0 included (mpirun 1 s later, horovodrun 5 s).
-            dist.barrier()
-        finally:
-            stop.restore()
-        raise Interrupted(f"interrupted by a signal at step {step}; checkpoint written, continue with --resume")
+def step_batches(run: Setup, progress: Progress) -> Iterator[list[Batch]]:
+    """The micro-batches of each optimizer step, from where `progress` stands to the last
+    step; a new epoch starts when `advance` has moved `progress` into it."""
+    while progress.step < run.total_steps:
+        epoch = progress.epoch
+        _select_epoch(run, progress)
+        batches = iter(run.sampler)
+        while progress.step < run.total_steps and progress.epoch == epoch:
+            rows = list(islice(batches, run.cfg.grad_accum))
+            if not rows:  # the sampler ran out before `advance` saw the epoch end
+                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+                break
+            yield [collate(run.features["train"], r, run.pad_id, run.cfg.pad_to_multiple_of,
+                           run.task.model_inputs, run.task.targets) for r in rows]
 
-    # ---- final: the best model, the test set, the outputs -----------------------------------
-    debug.hashes("end", model, optimizer)
-    if best is not None:
-        model.load_state_dict(best)
-    elif best_metric is not None and resumed_from is not None:
+
+def _select_epoch(run: Setup, progress: Progress) -> None:
+    """Point the sampler at the epoch in progress: all of it, or (after a resume on
+    another number of ranks) the rows its earlier part did not train on."""
+    if not progress.epoch_excluded:
+        run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
+        return
+    excluded = {tuple(key) for key in progress.epoch_excluded}
+    keep = [r for r, key in enumerate(run.row_keys) if key not in excluded]
+    per_rank = max(dist.allgather_object(len(keep)))
+    run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch, keep, max(per_rank, 1))
+
+
+def epoch_rows_seen(run: Setup, progress: Progress) -> list[list[int]]:
+    """Collective: every row of the current epoch trained on so far, over all ranks (the
+    rows excluded at its start included), sorted."""
+    local = {run.row_keys[r] for batch in run.sampler.batches(progress.epoch)[: progress.batch_in_epoch]
+             for r in batch}
+    seen = {tuple(key) for key in progress.epoch_excluded}
+    for part in dist.allgather_object(sorted(local)):
+        seen.update(part)
+    return [list(key) for key in sorted(seen)]
+
+
+def train_step(run: Setup, micro: list[Batch], window: Window, stop: StopSignals) -> bool:
+    """Forward and backward of each micro-batch, then one optimizer step on every rank.
+
+    One tiny allreduce first carries the step's loss-term count, which normalises the
+    summed loss exactly as one big batch would, and the stop flag: all ranks stop at the
+    same step. Returns False (nothing done) when a stop signal reached any rank.
+    """
+    local = sum(run.task.target_count(b) for b in micro)
+    agreed = dist.allreduce(torch.tensor([float(local), float(stop.raised)]), name="step")
+    if agreed[1] > 0:
+        return False
+    average = run.cfg.allreduce_op == "average"
+    denom = max(float(agreed[0]) / dist.size() if average else float(local), 1.0)
+    for batch in micro:
+        batch = batch.to(run.device)
+        with autocast(run.device, run.cfg.precision):
+            loss_sum, _ = run.task.loss(run.model, batch)
+        run.scaler.scale(loss_sum / denom).backward()
+        window.loss += loss_sum.detach()
+        window.tokens += batch.real_tokens
+    window.targets += local
+    window.grad_norm = dist.optimizer_step(run.optimizer, run.model, run.scaler, run.cfg.max_grad_norm)
+    run.scheduler.step()
+    return True
+
+
+def advance(run: Setup, progress: Progress, micro: list[Batch]) -> bool:
+    """Count a finished step; True when it ended the epoch (progress moves to the next)."""
+    progress.step += 1
+    progress.batch_in_epoch += len(micro)
+    ids = run.splits["train"].ids
+    examples = run.features["train"]["example"]
+    run.hooks.after_step(progress.step, progress.epoch, lambda: [[ids[examples[r]] for r in b.rows] for b in micro])
+    if progress.batch_in_epoch < len(run.sampler):
+        return False
+    progress.epoch, progress.batch_in_epoch, progress.epoch_excluded = progress.epoch + 1, 0, []
+    return True
+
+
+def log_step(run: Setup, progress: Progress, window: Window, metrics: outputs.MetricsLog,
+             display: outputs.Display) -> None:
+    """Collective: one metrics.jsonl line with the mean loss over all ranks since the last."""
+    now = time.perf_counter()
+    totals = window.totals()
+    elapsed, window.since = now - window.since, now
+    record = {
+        "step": progress.step,
+        "epoch": round(progress.epoch + progress.batch_in_epoch / len(run.sampler), 4),
+        "loss": float(totals[0] / max(float(totals[1]), 1.0)),
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(window.grad_norm) if window.grad_norm is not None else None,
+        "tokens_per_second": float(totals[2]) / max(elapsed, 1e-9),
+    }
+    progress.train_loss_sum += float(totals[0])
+    progress.train_targets += float(totals[1])
+    progress.tokens += float(totals[2])
+    metrics.write(record)
+    display.logged(record)
+
+
+def evaluate_and_keep_best(run: Setup, progress: Progress, metrics: outputs.MetricsLog,
+                           display: outputs.Display) -> None:
+    """Collective: evaluate the validation set; keep the model if it is the best so far."""
+    evaluation = run.evaluator(run.splits["validation"], run.features["validation"])
+    score = evaluation.metrics[run.metric]
+    entry = {"step": progress.step, **{f"eval_{k}": v for k, v in evaluation.metrics.items()}}
+    progress.history.append(entry)
+    metrics.write(entry)
+    display.note(f"step {progress.step}: eval {run.metric} {score:.4f}, loss {evaluation.metrics['loss']:.4f}")
+    if progress.best_metric is None or score > progress.best_metric:
+        progress.best_metric, progress.best_step, progress.bad_evals = score, progress.step, 0
+        run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        if dist.is_main():
+            outputs.save_model(run.output_dir / "checkpoints" / "best", run.model, run.tokenizer, run.info)
+        return
+    progress.bad_evals += 1
+    patience = run.cfg.early_stopping_patience
+    if patience and progress.bad_evals >= patience:
+        display.note(f"early stopping: no {run.metric} gain in {progress.bad_evals} evaluations")
+        progress.stopped_early = True
+
+
+def save(run: Setup, progress: Progress, window: Window) -> None:
+    """Collective (every rank's RNG state and unlogged sums are gathered); rank 0 writes
+    checkpoints/checkpoint-<step> atomically and prunes old ones."""
+    gathered = dist.allgather_object((rng_state(), window.sums()))
+    progress.seen = epoch_rows_seen(run, progress) if progress.batch_in_epoch else []
+    if not dist.is_main():
+        return
+    progress.pending = [sums for _, sums in gathered]
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": [rng for rng, _ in gathered],
+        "progress": plain(asdict(progress)),
+    }
+    root = run.output_dir / "checkpoints"
+    save_checkpoint(root / f"checkpoint-{progress.step}", outputs.unwrap(run.model), run.tokenizer, state, run.info)
+    prune(root, run.cfg.save_total_limit)
+
+
+def interrupted(run: Setup, progress: Progress, window: Window) -> None:
+    """A stop signal reached some rank: checkpoint where the loop stands, then stop."""
+    save(run, progress, window)
+    # Nobody exits before rank 0 has written it: a launcher that sees one rank exit kills
+    # the others, rank 0 included (mpirun 1 s later, horovodrun 5 s).
+    dist.barrier()
+    raise Interrupted(f"interrupted by a signal at step {progress.step}; checkpoint written, continue with --resume")
+
+
+# ----------------------------------------------------------------------------- finish
+
+
+def finish(run: Setup, progress: Progress, window: Window) -> dict[str, Any]:
+    """Collective: the best model back in place, the validation and test reports, and
+    rank 0's outputs. Returns the results."""
+    totals = window.totals()  # what no log line counted (early stopping)
+    progress.train_loss_sum += float(totals[0])
+    progress.train_targets += float(totals[1])
+    progress.tokens += float(totals[2])
+    run.hooks.snapshot("end", run.model, run.optimizer)
+    _restore_best(run, progress)
+    results = _results(run, progress)
+    reports = {}
+    for name, prefix in (("validation", "eval"), ("test", "test")):
+        if name in run.splits:
+            reports[prefix] = run.evaluator(run.splits[name], run.features[name])
+            results.update({f"{prefix}_{k}": v for k, v in reports[prefix].metrics.items()})
+    if dist.is_main():
+        outputs.write_outputs(run.output_dir, run.task, run.model, run.tokenizer, results, reports, run.info)
+    dist.barrier()
+    return results
+
+
+def _restore_best(run: Setup, progress: Progress) -> None:
+    if run.best_weights is not None:
+        run.model.load_state_dict(run.best_weights)
+    elif progress.best_metric is not None and run.resumed_from is not None:
         # The best model predates the resume: rank 0 reloads it from disk for everyone.
-        dist.agree(lambda: load_weights(model, output_dir / "checkpoints" / "best") if dist.is_main() else None)
-        dist.broadcast_parameters(model)
-    totals = dist.allreduce(torch.tensor([float(tokens)], dtype=torch.float64), name="final")
-    results: dict[str, Any] = {
-        "train_runtime": train_time,
-        "train_samples": splits["train"].total,
-        "train_steps": step,
-        "train_tokens": float(totals[0]),
-        "train_tokens_per_second": float(totals[0]) / max(train_time, 1e-9),
+        dist.main_only(lambda: load_weights(run.model, run.output_dir / "checkpoints" / "best"))
+        dist.broadcast_parameters(run.model)
+
+
+def _results(run: Setup, progress: Progress) -> dict[str, Any]:
+    cfg, world = run.cfg, dist.size()
+    return {
+        "train_runtime": progress.train_time,
+        "train_samples": run.splits["train"].total,
+        "train_steps": progress.step,
+        "train_loss": progress.train_loss_sum / max(progress.train_targets, 1.0),
+        "train_tokens": progress.tokens,
+        "train_tokens_per_second": progress.tokens / max(progress.train_time, 1e-9),
+        "epoch": round(progress.epoch + progress.batch_in_epoch / len(run.sampler), 4),
         "world_size": world,
         "per_rank_batch_size": cfg.batch_size,
         "global_batch_size": cfg.batch_size * world * cfg.grad_accum,
-        "learning_rate": lr,
+        "learning_rate": run.lr,
         "precision": cfg.precision,
-        "best_eval_metric": best_metric,
-        "stopped_early": stopped_early,
+        "best_eval_metric": progress.best_metric,
+        "best_step": progress.best_step,
+        "stopped_early": progress.stopped_early,
     }
-    reports: dict[str, Evaluation] = {}
-    for name, prefix in (("validation", "eval"), ("test", "test")):
-        if name in splits:
-            reports[prefix] = evaluate(task, model, splits[name], features[name], id2label,
-                                       cfg.batch_size * 2, pad_id, cfg.precision)
-            results.update({f"{prefix}_{k}": v for k, v in reports[prefix].metrics.items()})
-    if dist.is_main():
-        _write_outputs(output_dir, task, model, tokenizer, results, reports, run)
-    dist.barrier()
-    return results
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary on all ranks."""
+def show_header(run: Setup) -> None:
+    cfg, world = run.cfg, dist.size()
+    sizes = ", ".join(f"{k} {v.total}" for k, v in run.splits.items())
+    if run.lr == cfg.lr:
+        rate = "as given" if cfg.allreduce_op == "average" else "not scaled: adasum"
+    else:
+        rate = f"{cfg.lr:g} scaled {cfg.scale_lr} for {world} ranks"
+    lines = [
+        f"hvdft train {run.task.name}: {cfg.model} on {world} rank(s) [{dist.controller()}], device {run.device.type}",
+        f"  data: {sizes} (examples; each rank reads and tokenizes its own shard)",
+        f"  batch: {cfg.batch_size} per rank x {world} ranks x {cfg.grad_accum} accumulation "
+        f"= {cfg.batch_size * world * cfg.grad_accum} global",
+        f"  lr {run.lr:g} ({rate}), {run.steps_per_epoch} steps/epoch, {run.total_steps} steps, "
+        f"precision {cfg.precision}, allreduce {cfg.allreduce_op}{' fp16' if cfg.fp16_allreduce else ''}",
+        *(f"  {line}" for line in run.task.describe(run.model)),
+    ]
+    if run.resumed_from:
+        lines.append(f"  resumed from {run.resumed_from}")
+    if run.resumed_note:
+        lines.append(f"  {run.resumed_note}")
+    outputs.header(lines)
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary on all ranks.
+
+    A context manager: the handlers stay installed until the block ends, so a repeated
+    SIGTERM cannot kill a rank while it writes the interrupt checkpoint.
+    """
 
     def __init__(self) -> None:
         self.raised = False
@@ -339,21 +656,20 @@ class _StopFlag:
         if not self.raised:
             self.raised, self.first = True, signum
 
-    def install(self) -> None:
+    def __enter__(self) -> StopSignals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    def restore(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _configure_cuda(device: torch.device) -> None:
+def _configure_cuda() -> None:
     """cuDNN's attention backend builds a plan per new sequence length: with dynamic
     padding it ran 5x slower on an H200 than the flash/memory-efficient kernels. Off
     unless HVDFT_CUDNN_SDPA=1. TF32 matmuls for fp32 runs."""
-    if device.type != "cuda":
-        return
     if os.environ.get("HVDFT_CUDNN_SDPA", "0") != "1":
         torch.backends.cuda.enable_cudnn_sdp(False)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -361,6 +677,8 @@ def _configure_cuda(device: torch.device) -> None:
 
 
 def _check_output_dir(output_dir: Path, resuming: bool = False, overwrite: bool = False) -> None:
+    """Rank 0: the folder is writable, and holds no other run's checkpoints (which pruning
+    and --resume, going by step number, would mix with this run's)."""
     if not dist.is_main():
         return
     try:
@@ -370,8 +688,6 @@ def _check_output_dir(output_dir: Path, resuming: bool = False, overwrite: bool 
         probe.unlink()
     except OSError as exc:
         raise HvdftError(f"output directory is not writable: {exc.strerror}", output_dir) from None
-    # A new run's checkpoints would mix with the old ones: pruning and --resume go by
-    # step number and would pick the other run's.
     if overwrite and not resuming:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -380,7 +696,7 @@ def _check_output_dir(output_dir: Path, resuming: bool = False, overwrite: bool 
                          "give another --output-dir, or --overwrite-output-dir", output_dir)
 
 
-def _warn_unseen_labels(task: Any, split: Any, label2id: dict[str, int]) -> None:
+def _warn_unseen_labels(task: Task, split: Split, label2id: dict[str, int]) -> None:
     counts: dict[str, int] = {}
     for part in dist.allgather_object(task.unseen_labels(split, label2id)):
         for label, n in part.items():
@@ -393,12 +709,24 @@ def _warn_unseen_labels(task: Any, split: Any, label2id: dict[str, int]) -> None
         )
 
 
+def _warn_examples_without_rows(task: Task, split: Split, features: dict[str, list], max_length: int) -> None:
+    """Collective: examples that featurizing turned into no model input (a task may drop
+    what cannot fit, e.g. relation arguments further apart than --max-length) are counted
+    over all ranks and named once, never dropped silently."""
+    present = set(features["example"])
+    missing = [i for i in range(len(split.examples)) if i not in present]
+    first = (split.ids[missing[0]], split.examples[missing[0]]) if missing else None
+    parts = dist.allgather_object((len(missing), first))
+    count = sum(n for n, _ in parts)
+    if count and dist.is_main():
+        example = min((f for _, f in parts if f is not None), key=lambda f: f[0])[1]
+        log.warning("%s", task.describe_missing(split, count, example, max_length))
+
+
 def _load(loader: Any, path: str, cfg: TrainConfig, **kwargs: Any) -> Any:
     try:
         return loader(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
-    except OSError as exc:
-        raise HvdftError(f"cannot load model '{path}': {exc}".splitlines()[0]) from None
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise HvdftError(f"cannot load model '{path}': {exc}".splitlines()[0]) from None
 
 
@@ -412,7 +740,9 @@ def _tokenizer(auto: Any, path: str, model_config: Any, cfg: TrainConfig) -> Any
     return tokenizer
 
 
-def _max_length(cfg: TrainConfig, model_config: Any, tokenizer: Any) -> int:
+def _max_length(cfg: TrainConfig, model_config: Any, tokenizer: Any, task_default: int | None = None) -> int:
+    """--max-length, checked against the model's limit; by default the task's own length
+    (e.g. 384 for QA windows) or the model's limit, whichever is smaller."""
     limit = getattr(model_config, "max_position_embeddings", None) or 512
     if getattr(model_config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
         limit -= 2  # position ids start after the padding index
@@ -420,277 +750,7 @@ def _max_length(cfg: TrainConfig, model_config: Any, tokenizer: Any) -> int:
     if tok_limit and tok_limit < 100_000:
         limit = min(limit, tok_limit)
     if cfg.max_length is None:
-        return limit
+        return min(limit, task_default) if task_default else limit
     if cfg.max_length > limit:
         raise HvdftError(f"--max-length {cfg.max_length} is over the model's limit of {limit} tokens")
     return cfg.max_length
-
-
-def _adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without decay on biases and LayerNorm weights; the fused kernel where it exists."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr, foreach=device.type != "cpu")
-
-
-def _linear_schedule(warmup: int, total: int) -> Any:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": list(random.getstate()[1]),
-    }
-
-
-def _set_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    random.setstate((3, tuple(state["python"]), None))
-
-
-def _checkpoint(output_dir: Path, cfg: TrainConfig, model: Any, tokenizer: Any, optimizer: Any,
-                scheduler: Any, scaler: Any, run: dict[str, Any], step: int, position: tuple[int, int],
-                best_metric: float | None, bad_evals: int, history: list[dict[str, Any]],
-                log_sums: tuple[float, int] = (0.0, 0)) -> None:
-    """Collective (RNG states and unlogged loss sums of all ranks are gathered); rank 0 writes."""
-    gathered = dist.allgather_object((_rng_state(), log_sums))
-    if not dist.is_main():
-        return
-    rng = [g[0] for g in gathered]
-    log_sums = (sum(g[1][0] for g in gathered), sum(g[1][1] for g in gathered))
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng,
-        # Plain Python numbers: metrics arrive as numpy scalars, which
-        # torch.load(weights_only=True) refuses, so --resume would fail.
-        "progress": _plain({"step": step, "epoch": position[0], "batch_in_epoch": position[1],
-                            "best_metric": best_metric, "bad_evals": bad_evals, "history": history,
-                            "log_sums": list(log_sums)}),
-    }
-    root = output_dir / "checkpoints"
-    save_checkpoint(root / f"checkpoint-{step}", _unwrap(model), tokenizer, state, run)
-    prune(root, cfg.save_total_limit)
-
-
-def _plain(obj: Any) -> Any:
-    """numpy scalars -> Python numbers, through dicts and lists."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _read_checkpoint(folder: Path, cfg: TrainConfig, labels: list[str], model: Any, optimizer: Any) -> dict[str, Any]:
-    state, run = load_state(folder)
-    saved = run.get("config", {})
-    for key in RESUME_MUST_MATCH:
-        if saved.get(key) != getattr(cfg, key):
-            raise HvdftError(
-                f"--resume: checkpoint was made with {key}={saved.get(key)!r}, this run has {getattr(cfg, key)!r}",
-                folder,
-            )
-    if run.get("labels") != labels:
-        raise HvdftError(f"--resume: checkpoint's labels {run.get('labels')} differ from this data's {labels}", folder)
-    if state["progress"]["batch_in_epoch"] and run.get("world_size") != dist.size():
-        # The sampler position counts this rank's batches: it means other examples on N ranks.
-        raise HvdftError(
-            f"--resume: checkpoint was written mid-epoch by {run.get('world_size')} rank(s), this job has "
-            f"{dist.size()}; resume on {run.get('world_size')} or from an end-of-epoch checkpoint",
-            folder,
-        )
-    load_weights(model, folder)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as exc:
-        raise HvdftError(f"--resume: optimizer state does not fit this model: {exc}".splitlines()[0], folder) from None
-    return state
-
-
-def _unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)
-
-
-def _save_model(folder: Path, model: Any, tokenizer: Any, run: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        _unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / RUN_FILE).write_text(json.dumps(run, indent=2, sort_keys=True))
-
-    write_atomically(folder, write)
-
-
-def _write_outputs(output_dir: Path, task: Any, model: Any, tokenizer: Any, results: dict[str, Any],
-                   reports: dict[str, Evaluation], run: dict[str, Any]) -> None:
-    """The final model and reports. config.json is written last: its presence marks a
-    finished model folder, so a crash here never leaves one that looks complete."""
-    staging = output_dir / "checkpoints" / "final"
-    _save_model(staging, model, tokenizer, run)
-    for prefix, ev in reports.items():
-        (output_dir / f"{prefix}_report.txt").write_text(_report_text(prefix, ev))
-    if "test" in reports and reports["test"].examples is not None:
-        task.write_predictions(output_dir / f"test_predictions{task.predictions_suffix}",
-                               reports["test"].examples, reports["test"].predictions)
-    (output_dir / "all_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    names = sorted(p.name for p in staging.iterdir() if p.name != "config.json")
-    for name in names + ["config.json"]:
-        tmp = output_dir / f".{name}.tmp"
-        shutil.copy2(staging / name, tmp)
-        os.replace(tmp, output_dir / name)
-    shutil.rmtree(staging, ignore_errors=True)
-    for prefix, ev in reports.items():
-        print(_report_text(prefix, ev), flush=True)
-    print(f"model, reports and predictions written to {output_dir}", flush=True)
-
-
-def _report_text(prefix: str, ev: Evaluation) -> str:
-    name = {"eval": "validation", "test": "test"}[prefix]
-    lines = [f"== {name} =="]
-    lines += [f"{k}: {v:.4f}" for k, v in ev.metrics.items() if k != "sentences"]
-    return "\n".join(lines) + "\n\n" + ev.report + "\n"
-
-
-def _log_record(stream: Any, record: dict[str, Any]) -> None:
-    if stream is not None:
-        stream.write(json.dumps(record) + "\n")
-        stream.flush()
-
-
-def _progress(total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not dist.is_main(), unit="step",
-                dynamic_ncols=True, mininterval=1.0)
-
-
-def _header(cfg: TrainConfig, task: str, world: int, lr: float, steps_per_epoch: int,
-            total_steps: int, splits: dict[str, Any], device: torch.device, resumed: Path | None) -> None:
-    if not dist.is_main():
-        return
-    sizes = ", ".join(f"{k} {v.total}" for k, v in splits.items())
-    lines = [
-        f"hvdft train {task}: {cfg.model} on {world} rank(s) [{dist.controller()}], device {device.type}",
-        f"  data: {sizes} (examples; each rank reads and tokenizes its own shard)",
-        f"  batch: {cfg.batch_size} per rank x {world} ranks x {cfg.grad_accum} accumulation "
-        f"= {cfg.batch_size * world * cfg.grad_accum} global",
-        f"  lr {lr:g} ({'scaled x' + str(world) if lr != cfg.lr else 'not scaled'}), "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps, precision {cfg.precision}, "
-        f"allreduce {cfg.allreduce_op}{' fp16' if cfg.fp16_allreduce else ''}",
-    ]
-    if resumed:
-        lines.append(f"  resumed from {resumed}")
-    print("\n".join(lines), flush=True)
-
-
-def _truncate_metrics_log(path: Path, step: int) -> None:
-    """On resume: drop records past the checkpoint's step, which the run now replays."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- test hooks
-# Test-only and inert unless their variable is set; tests/test_failures.py and
-# tests/test_equivalence.py use them to prove the failure behaviour and the equivalence.
-
-
-def _inject_fault(rank: int, step: int, stop: _StopFlag) -> None:
-    """HVDFT_FAULT="rank=1,step=3,kind=raise|kill|wait": as that rank starts that step, it
-    raises, SIGKILLs itself, or waits (up to 120 s) for a stop signal: a fixed step for
-    a test to send SIGTERM/SIGINT at (the other ranks wait in the step's allreduce)."""
-    spec = os.environ.get("HVDFT_FAULT")
-    if not spec:
-        return
-    fault = dict(item.split("=", 1) for item in spec.split(","))
-    if int(fault["rank"]) != rank or int(fault["step"]) != step:
-        return
-    if fault["kind"] == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault["kind"] == "wait":
-        deadline = time.monotonic() + 120
-        while not stop.raised and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return
-    raise RuntimeError(f"HVDFT_FAULT: injected failure at step {step}")
-
-
-class _Debug:
-    """HVDFT_DEBUG_DIR=dir: each rank appends JSON lines to dir/rank<N>.jsonl: hashes of
-    its parameters and optimizer state (before/after the initial broadcast, at the end)
-    and the global example ids of every step."""
-
-    def __init__(self, rank: int) -> None:
-        folder = os.environ.get("HVDFT_DEBUG_DIR")
-        self.path = Path(folder) / f"rank{rank}.jsonl" if folder else None
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({**record, "time": time.time()}) + "\n")
-
-    def hashes(self, event: str, model: Any, optimizer: Any) -> None:
-        if self.path is not None:
-            self._write({"event": event, "params": _digest(model.state_dict()),
-                         "optimizer": _digest(optimizer.state_dict())})
-
-    def step(self, step: int, epoch: int, examples: list[list[int]]) -> None:
-        if self.path is not None:
-            self._write({"event": "step", "step": step, "epoch": epoch, "examples": examples})
-
-
-def _digest(obj: Any) -> str:
-    """sha256 of nested dicts/lists of tensors and plain values, in a fixed order."""
-    import hashlib
-
-    h = hashlib.sha256()
-
-    def feed(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            h.update(str((x.dtype, tuple(x.shape))).encode())
-            h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, dict):
-            for k in sorted(x, key=str):
-                h.update(repr(k).encode())
-                feed(x[k])
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                feed(v)
-        else:
-            h.update(repr(x).encode())
-
-    feed(obj)
-    return h.hexdigest()
