@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -18,21 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from hvdft.data.files import Shard
 from hvdft.errors import HvdftError
 from hvdft.tasks.relation import (
     SEMEVAL_LABELS,
     SEMEVAL_RELATIONS,
     RelationOptions,
     RelationTask,
-    Shard,
     answer_ids,
-    describe_missing,
     example_from_record,
     featurize_examples,
     mark,
     markup,
-    missing_examples,
-    missing_report,
     official_scores,
     parse_marked,
     read_relation_file,
@@ -45,9 +41,8 @@ from hvdft.tasks.relation import (
 )
 from tests.conftest import SHARED_DATA, write
 
-# The data may sit beside a worktree's parent checkout: HVDFT_SHARED_DATA points at it then.
-DATA = Path(os.environ.get("HVDFT_SHARED_DATA", SHARED_DATA))
-RELEASE = DATA / "semeval2010_task8" / "SemEval2010_task8_all_data"
+# SHARED_DATA honours HVDFT_SHARED_DATA (a worktree whose parent holds no shared/ folder).
+RELEASE = SHARED_DATA / "semeval2010_task8" / "SemEval2010_task8_all_data"
 SCORER_DIR = RELEASE / "SemEval2010_task8_scorer-v1.2"
 SCORER = SCORER_DIR / "semeval2010_task8_scorer-v1.2.pl"
 TEST_FULL = RELEASE / "SemEval2010_task8_testing_keys" / "TEST_FILE_FULL.TXT"
@@ -383,12 +378,13 @@ def test_long_sentences_window_and_too_far_apart(tokenizer):
 
     split = Split("train", "train.jsonl", 2, [0, 1], [dict(ex, id=str(i + 1), line=i + 1)
                                                       for i, ex in enumerate(examples)])
-    assert missing_examples(split, features) == [1]
-    count, where = missing_report(split, features)
-    assert describe_missing("train", split.total, count, where, 32) == (
+    assert task.describe_missing(split, 1, split.examples[1], 32) == (
         "1 of 2 train examples have their two arguments further apart than 32 tokens (--max-length): "
         "left out of training (e.g. id 2, train.jsonl:2)")
-    assert "predicted as the negative label" in describe_missing("test", 2, 1, None, 32)
+    hub = Split("test", "sem_eval[test]", 2, [0, 1], [dict(split.examples[1], line=None)])
+    assert task.describe_missing(hub, 1, hub.examples[0], 32).endswith(
+        "predicted as the negative label without the model (the official scorer's treatment of a skipped "
+        "example) and scored (e.g. id 2 of sem_eval[test])")
     # evaluation: no row -> the negative label, probability nan, and it is scored
     id2label = {0: "A(e1,e2)", 1: "Other"}
     assert task.merge(split.examples[1], [], id2label)[0] == "Other"

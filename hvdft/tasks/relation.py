@@ -35,34 +35,11 @@ from typing import Any
 
 import torch
 
-from hvdft.data.files import Split, file_format, iter_table_rows, read_lines
+from hvdft.config import option
+from hvdft.data.files import Shard, Split, file_format, hub_rows, iter_table_rows, read_lines
 from hvdft.errors import HvdftError
 from hvdft.tasks.base import Task
 from hvdft.tasks.classify import classification_scores, escape, format_report, label_string
-
-try:  # the engine reshape (issue 11) adds these two; until it lands, the same shapes here
-    from hvdft.config import option
-except ImportError:  # pragma: no cover - removed at merge
-
-    def option(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - the engine's name
-        """A dataclass field that is also a command-line option (hvdft.config.option's shape)."""
-        return field(default=default, metadata={"help": help, **meta})
-
-
-try:
-    from hvdft.data.files import Shard
-except ImportError:  # pragma: no cover - removed at merge
-
-    @dataclass
-    class Shard:  # type: ignore[no-redef]
-        """Which examples this rank reads: example i belongs to rank i % world."""
-
-        rank: int = 0
-        world: int = 1
-
-        def owns(self, index: int) -> bool:
-            return index % self.world == self.rank
-
 
 # ----------------------------------------------------------------------------- constants
 
@@ -513,7 +490,8 @@ def featurize_examples(
     (tokens), `e1_index`/`e2_index` (positions of the opening markers in `input_ids`, for
     entity-start pooling and checks). A sentence longer than `max_length` is cut to a window
     centred on the two arguments. An example whose two arguments (markers included) are
-    more than `max_length` tokens apart gets NO row: see `missing_examples`.
+    more than `max_length` tokens apart gets NO row: the engine counts them over the ranks and
+    warns once (`describe_missing`).
     Needs a fast tokenizer (character offsets).
     """
     texts, blocks = [], []
@@ -562,32 +540,18 @@ def featurize_examples(
     return out
 
 
-def missing_examples(split: Split, features: dict[str, list]) -> list[int]:
-    """Local indices of this rank's examples that got no feature row: their arguments are
-    further apart than max_length allows. Training leaves them out; evaluation predicts
-    the negative label for them (see `RelationTask.merge`)."""
-    have = set(features["example"])
-    return [i for i in range(len(split.examples)) if i not in have]
-
-
-def missing_report(split: Split, features: dict[str, list]) -> tuple[int, str | None]:
-    """(count, where the first is: "id 312, FILE:1245") of this rank's examples without a row;
-    small and picklable, for the engine to gather over the ranks."""
-    missing = missing_examples(split, features)
-    if not missing:
-        return 0, None
-    ex = split.examples[missing[0]]
-    return len(missing), f"id {ex['id']}" + (f", {split.source}:{ex['line']}" if ex.get("line") else "")
-
-
-def describe_missing(split_name: str, total: int, count: int, where: str | None, max_length: int | None) -> str:
-    """The warning line for `count` of `total` examples of a split whose arguments do not fit."""
-    limit = f"{max_length} tokens (--max-length)" if max_length else "--max-length"
-    action = ("left out of training" if split_name == "train"
+def describe_missing(split: Split, count: int, example: dict[str, Any], max_length: int) -> str:
+    """The warning for `count` of a split's examples whose two arguments (markers included)
+    are further apart than `max_length` tokens, naming the first of them (`example`) by id and
+    file:line. Training leaves them out; evaluation predicts the negative label for them
+    (`RelationTask.merge`), as the official scorer treats a skipped example."""
+    where = f"id {example['id']}" + (f", {split.source}:{example['line']}" if example.get("line")
+                                     else f" of {split.source}")
+    action = ("left out of training" if split.name == "train"
               else "predicted as the negative label without the model (the official scorer's treatment of a "
                    "skipped example) and scored")
-    return (f"{count} of {total} {split_name} examples have their two arguments further apart than {limit}: "
-            f"{action}" + (f" (e.g. {where})" if where else ""))
+    return (f"{count} of {split.total} {split.name} examples have their two arguments further apart than "
+            f"{max_length} tokens (--max-length): {action} (e.g. {where})")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -828,25 +792,23 @@ class RelationTask(Task):
     model_inputs = ("input_ids", "attention_mask", "token_type_ids")
     targets = {"labels": -100}
     predictions_for = ("test",)
-    predictions_suffix = ".tsv"
 
     def __init__(self, options: RelationOptions | None = None, encoding: str = "utf-8") -> None:
-        self.options = options if options is not None else RelationOptions()
-        self.encoding = encoding
+        super().__init__(options, encoding)
         if self.options.markers not in MARKER_STYLES:
             raise HvdftError(f"--markers must be one of {', '.join(MARKER_STYLES)}, got {self.options.markers!r}")
 
     # ------------------------------------------------------------------ reading
-    def read(self, source: str, split: str, shard: Shard) -> Split:  # type: ignore[override]
+    def read(self, source: str, split: str, shard: Shard) -> Split:
         """This rank's shard of a SemEval-2010 Task 8 file or a JSON-lines / TACRED JSON file."""
         return Split(split, source, *read_relation_file(source, shard, self.options, self.encoding, True))
 
-    def read_unlabelled(self, source: str, shard: Shard) -> Split:  # type: ignore[override]
+    def read_unlabelled(self, source: str, shard: Shard) -> Split:
         """SemEval sentences (TEST_FILE.txt), JSON records, or plain text with `<e1>`/`<e2>`
         markup, one sentence per line; labels, if present, are ignored."""
         return Split("predict", source, *read_relation_file(source, shard, self.options, self.encoding, False))
 
-    def read_hub(self, dataset: Any, split: str, shard: Shard, name: str) -> Split | None:  # type: ignore[override]
+    def read_hub(self, dataset: Any, split: str, shard: Shard, name: str) -> Split | None:
         """Rows of a Hub dataset (e.g. `sem_eval_2010_task_8`: `sentence` with markers and a
         ClassLabel `relation`); None when the split's labels are withheld (all -1)."""
         columns = list(dataset.column_names)
@@ -858,8 +820,7 @@ class RelationTask(Task):
             if names is not None and len(dataset) and all(v is None or v < 0 for v in dataset[label_col]):
                 return None
         ids, examples = [], []
-        rows = dataset.shard(num_shards=shard.world, index=shard.rank, contiguous=False)  # rows i % world == rank
-        for gid, row in zip(range(shard.rank, len(dataset), shard.world), rows, strict=True):
+        for gid, row in hub_rows(dataset, shard):
             try:
                 examples.append(example_from_record(row, self.options, gid, None, True, names))
             except ValueError as exc:
@@ -868,9 +829,6 @@ class RelationTask(Task):
         return Split(split, source, len(dataset), ids, examples)
 
     # ------------------------------------------------------------------ labels
-    def labels(self, split: Split) -> set[str]:
-        return set(self.labels_of_examples(split.examples))
-
     def labels_of_examples(self, examples: list[dict[str, Any]]) -> list[str]:
         return [ex["label"] for ex in examples if ex["label"] is not None]
 
@@ -915,15 +873,19 @@ class RelationTask(Task):
                 "[CLS] sequence-classification head"]
 
     # ------------------------------------------------------------------ features
-    def featurize(self, batch: dict[str, list], tokenizer: Any, label2id: dict[str, int],  # type: ignore[override]
-                  max_length: Any) -> dict[str, list]:
-        if isinstance(max_length, dict):  # the pre-reshape engine passes its options dict
-            max_length = max_length["max_length"]
-        return featurize_examples(batch, tokenizer, label2id, int(max_length), self.options.markers,
+    def featurize(self, batch: dict[str, list], tokenizer: Any, label2id: dict[str, int],
+                  max_length: int) -> dict[str, list]:
+        """One row per example: the marked sentence, windowed around its arguments; an example
+        whose arguments cannot both fit gets no row (see `featurize_examples`)."""
+        return featurize_examples(batch, tokenizer, label2id, max_length, self.options.markers,
                                   self.options.typed_markers)
 
+    def describe_missing(self, split: Split, count: int, example: dict[str, Any], max_length: int) -> str:
+        """Examples whose arguments cannot both fit in a window: count and the first one."""
+        return describe_missing(split, count, example, max_length)
+
     # ------------------------------------------------------------------ evaluation
-    def predictions(self, rows: list[dict[str, Any]], outputs: Any, batch: Any = None,  # type: ignore[override]
+    def predictions(self, rows: list[dict[str, Any]], outputs: Any, batch: Any = None,
                     model: Any = None) -> list[Any]:
         """(label id, probability) per row, from the softmax of the logits."""
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
@@ -955,7 +917,7 @@ class RelationTask(Task):
                       "treatment of a skipped example)\n\n") + report
         return metrics, report
 
-    def write_predictions(self, folder: Path, prefix: str, examples: list[dict[str, Any]],  # type: ignore[override]
+    def write_predictions(self, folder: Path, prefix: str, examples: list[dict[str, Any]],
                           predictions: list[Any]) -> None:
         """`{prefix}_predictions.tsv`; with SemEval labels also `{prefix}_answers.txt` (the
         predictions) and `{prefix}_answer_key.txt` (the gold) in the official scorer's format."""
