@@ -37,7 +37,7 @@ def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_s
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    def load() -> tuple[Task, Any, Any]:
+    def load() -> tuple[Task, Any, Any, int | None]:
         path = resolve_model(model_dir)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -51,23 +51,29 @@ def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_s
         cls = task_class(task_of_model(config))
         task = cls(_task_options(cls, Path(path), overrides), encoding)
         model = task.model_class().from_pretrained(path, config=config)
-        return task, model, tokenizer
+        return task, model, tokenizer, _saved_config(Path(path)).get("max_length")
 
-    task, model, tokenizer = dist.agree(load)
+    task, model, tokenizer, trained = dist.agree(load)
     model.to(dist.device())
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     limit = min(getattr(model.config, "max_position_embeddings", 512) or 512, tokenizer.model_max_length or 512)
+    if trained:  # the windows the model was trained and evaluated on (hvdft eval then repeats the test report)
+        limit = min(limit, int(trained))
     evaluator = Evaluator(task, model, id2label, batch_size, tokenizer.pad_token_id or 0, precision)
     return Loaded(task, model, tokenizer, evaluator, limit)
+
+
+def _saved_config(folder: Path) -> dict[str, Any]:
+    """The training options saved with the model (hvdft_run.json), or {} without one."""
+    if not (folder / RUN_FILE).exists():
+        return {}
+    return json.loads((folder / RUN_FILE).read_text()).get("config", {})
 
 
 def _task_options(cls: type[Task], folder: Path, overrides: dict[str, Any]) -> Any:
     """The task options saved with the model, then the given overrides."""
     names = {f.name for f in fields(cls.Options)}
-    saved: dict[str, Any] = {}
-    if (folder / RUN_FILE).exists():
-        config = json.loads((folder / RUN_FILE).read_text()).get("config", {})
-        saved = {k: v for k, v in config.items() if k in names}
+    saved = {k: v for k, v in _saved_config(folder).items() if k in names}
     for key, value in overrides.items():
         if value is None:
             continue
