@@ -775,12 +775,16 @@ def scorer_compatible(labels: list[str | None]) -> bool:
 
 
 class RelationTask(Task):
-    """Relation extraction between two marked entities (`hvdft train re`).
+    """Relation extraction: classify the relation between two marked entities.
 
-    Outputs: the model with its entity-marker tokenizer (pipeline "text-classification"),
-    eval/test reports with the official SemEval-2010 Task 8 measure, `test_predictions.tsv`,
-    and for SemEval labels `test_answers.txt` + `test_answer_key.txt` in the official format:
-        perl semeval2010_task8_scorer-v1.2.pl test_answers.txt test_answer_key.txt
+    Reads SemEval-2010 Task 8 files, JSON lines (text with character spans or <e1>/<e2>
+    markup), TACRED JSON, or a Hub dataset. Entity markers go around the two arguments;
+    the windows always hold both (examples whose arguments are further apart than
+    --max-length are counted and named). Scores with the official SemEval-2010 Task 8
+    measure (macro-F1 over the relations, direction counted, Other excluded). Writes the
+    best model (pipeline "text-classification"), eval/test reports (per-relation P/R/F1,
+    confusion matrix), test_predictions.tsv, all_results.json and, for SemEval labels,
+    test_answers.txt and test_answer_key.txt for the official Perl scorer.
     """
 
     name = "re"
