@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import subprocess
 import time
@@ -148,12 +149,14 @@ def main() -> int:
     generator = torch.Generator().manual_seed(args.seed)
     pad = tokenizer.pad_token_id or 0
 
-    start, step, losses = time.perf_counter(), 0, []
+    load_at_start = os.getloadavg()
+    start, step, losses, tokens = time.perf_counter(), 0, [], 0
     while step < total:
         for batch in batches(len(train_rows), args.batch_size, generator):
             if step >= total:
                 break
             inputs = collate([train_rows[i] for i in batch], pad, device)
+            tokens += int(inputs["attention_mask"].sum())  # real (non-padding) tokens, as hvdft counts them
             loss = model(**inputs).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -187,7 +190,9 @@ def main() -> int:
         "accuracy": round(100 * accuracy, 2), "train_sentences": len(train_rows), "test_sentences": len(test),
         "test_sentences_not_fitting": cut, "steps": total, "global_batch": args.batch_size, "lr": args.lr,
         "epochs": args.epochs, "max_length": args.max_length, "train_seconds": round(train_seconds, 1),
-        "device": str(device),
+        "train_tokens": tokens, "train_tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+        "threads": torch.get_num_threads(), "load_average_start": [round(x, 2) for x in load_at_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()], "device": str(device),
     }
     print(f"official macro-F1 {scores.macro_f1:.2f}  micro-F1 {scores.micro_f1:.2f}  accuracy {100 * accuracy:.2f}")
     if args.answers:
