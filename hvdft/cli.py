@@ -294,7 +294,8 @@ train_classify = train.commands["classify"]
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--input", "input_file", required=True,
               help="NER: CoNLL file or plain text (one sentence per line); classify: CSV/TSV/JSONL or text lines; "
-                   "QA: JSON lines of {question, context} or SQuAD JSON.")
+                   "QA: JSON lines of {question, context} or SQuAD JSON; "
+                   "re: SemEval-2010 Task 8 file, JSON lines, or text lines marked up with <e1>..</e1> <e2>..</e2>.")
 @click.option("--output", "output_file", required=True, help="Where rank 0 writes the predictions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)

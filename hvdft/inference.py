@@ -37,7 +37,7 @@ def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_s
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    def load() -> tuple[Task, Any, Any]:
+    def load() -> tuple[Task, Any, Any, int | None]:
         path = resolve_model(model_dir)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -51,14 +51,14 @@ def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_s
         cls = task_class(task_of_model(config))
         task = cls(_task_options(cls, Path(path), overrides), encoding)
         model = task.model_class().from_pretrained(path, config=config)
-        return task, model, tokenizer
+        return task, model, tokenizer, _saved_config(Path(path)).get("max_length")
 
-    task, model, tokenizer = dist.agree(load)
+    task, model, tokenizer, trained = dist.agree(load)
     model.to(dist.device())
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     limit = min(getattr(model.config, "max_position_embeddings", 512) or 512, tokenizer.model_max_length or 512)
-    trained = _saved_config(Path(resolve_model(model_dir))).get("max_length") or task.default_max_length
-    max_length = min(limit, trained) if trained else limit  # the windows the model was evaluated on in training
+    trained = trained or task.default_max_length
+    max_length = min(limit, int(trained)) if trained else limit  # the windows the model was evaluated on in training
     dist.agree(lambda: task.prepare(model.config, tokenizer, max_length))
     evaluator = Evaluator(task, model, id2label, batch_size, tokenizer.pad_token_id or 0, precision)
     return Loaded(task, model, tokenizer, evaluator, max_length)

@@ -16,6 +16,7 @@ TASKS = {
     "ner": "hvdft.tasks.ner:NerTask",
     "classify": "hvdft.tasks.classify:ClassifyTask",
     "qa": "hvdft.tasks.qa:QaTask",
+    "re": "hvdft.tasks.relation:RelationTask",
 }
 
 
