@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench.py [--smoke] [--data DIR] [--model minilm] [--reps 3]
                                          [--steps 60] [--json out.json]
+    .venv/bin/python benchmarks/bench.py --suite cpu-fast-path [...]   # benchmarks/cpu_fast_path.py:
+        fp32 / bf16 / compile rows, the bf16 accuracy cost, 2-rank scaling experiments
 
 Rows, all on the same model, training data and precision, with the same step count:
   hvdft-1   `hvdft train ner` on 1 rank, batch --batch (32)
@@ -157,8 +159,11 @@ def execute(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> N
         raise RunFailed(f"exit {proc.returncode}: {' '.join(cmd)}\n{tail}")
 
 
-def run_row(row: str, a: argparse.Namespace, model: str, train_file: Path, seed: int, workdir: Path) -> dict[str, Any]:
-    tag = f"{row}-seed{seed}"
+def run_row(row: str, a: argparse.Namespace, model: str, train_file: Path, seed: int, workdir: Path,
+            variant: str = "", extra: list[str] | None = None) -> dict[str, Any]:
+    """One run of `row` with the options in `a`; `variant` names it apart in the workdir and
+    `extra` is appended to the hvdft command line (e.g. --epochs 1 --validation-file ...)."""
+    tag = f"{variant + '-' if variant else ''}{row}-seed{seed}"
     profile = workdir / "profiles" / tag
     shutil.rmtree(profile, ignore_errors=True)
     profile.mkdir(parents=True)
@@ -173,8 +178,15 @@ def run_row(row: str, a: argparse.Namespace, model: str, train_file: Path, seed:
                "--train-file", str(train_file), "--output-dir", str(out),
                "--batch-size", str(a.batch if ranks == 1 else a.batch_2), "--max-steps", str(a.steps),
                "--precision", a.precision, "--seed", str(seed), "--cache-dir", str(workdir / "cache")]
+        if a.compile:
+            cmd.append("--compile")
+        if a.fp16_allreduce:
+            cmd.append("--fp16-allreduce")
+        if a.grad_accum > 1:
+            cmd += ["--grad-accum", str(a.grad_accum)]
+        cmd += extra or []
         if ranks > 1:
-            cmd = [str(Path(py).parent / "horovodrun"), "-np", str(ranks), "--gloo"] + cmd
+            cmd = [str(Path(py).parent / "horovodrun"), "-np", str(ranks), f"--{a.controller}"] + cmd
     else:
         naive = row == "naive"
         cmd = [py, str(HERE / "plain_loop.py"), "--model", model, "--train-file", str(train_file),
@@ -184,6 +196,8 @@ def run_row(row: str, a: argparse.Namespace, model: str, train_file: Path, seed:
                "--profile", str(profile / "rank0.json")]
         if naive:
             cmd.append("--naive")
+        elif a.compile:
+            cmd.append("--compile")
         if a.no_cudnn_sdpa:
             cmd.append("--no-cudnn-sdpa")
     load = load_average()
@@ -212,6 +226,7 @@ def summarize(records: list[dict[str, Any]], warmup: int, steps: int) -> dict[st
     records.sort(key=lambda r: r["rank"])
     if len(records) != records[0]["world"]:
         raise RunFailed(f"{len(records)} profile records for {records[0]['world']} ranks")
+    steps = steps or len(records[0]["steps"])  # 0: a run to the end of its epochs
     for r in records:
         if len(r["steps"]) != steps:
             raise RunFailed(f"rank {r['rank']} recorded {len(r['steps'])} steps, expected {steps}")
@@ -429,6 +444,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--naive-batch", type=int, default=16)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="hvdft and plain (the naive recipe is always fp32).")
+    p.add_argument("--compile", action="store_true", help="torch.compile (dynamic shapes) in hvdft and plain.")
+    p.add_argument("--controller", choices=["gloo", "mpi"], default="gloo", help="horovodrun controller of hvdft-2.")
+    p.add_argument("--fp16-allreduce", action="store_true", help="hvdft runs: fp16 gradient compression.")
+    p.add_argument("--grad-accum", type=int, default=1, help="hvdft runs: backward passes per optimizer step.")
     p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated subset of {','.join(ROWS)}.")
     p.add_argument("--no-cudnn-sdpa", action="store_true", help="Disable the cuDNN attention backend in every run.")
     p.add_argument("--hvdft-env", action="append", default=[], metavar="KEY=VALUE",
@@ -451,6 +470,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--suite"] or (argv and argv[0].startswith("--suite=")):
+        suite = argv[1] if argv[0] == "--suite" and len(argv) > 1 else argv[0].partition("=")[2]
+        rest = argv[2:] if argv[0] == "--suite" else argv[1:]
+        if suite != "cpu-fast-path":
+            raise SystemExit(f"bench: unknown --suite {suite!r} (known: cpu-fast-path)")
+        sys.path.insert(0, str(HERE))
+        import cpu_fast_path
+
+        return cpu_fast_path.main(rest)
     a = parse(argv)
     train_file, data_label = resolve_data(a.data, a.smoke)
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="hvdft-bench-"))

@@ -10,7 +10,9 @@ Default ("plain"): fast tokenizer, first sub-word of each word labelled through
 of 50 batches, each sorted by length, then the batch order shuffled with the longest batch
 first, as in transformers' LengthGroupedSampler plus a shuffle); dynamic padding to the
 longest row of each batch; AdamW (fused kernel where torch has one); linear decay schedule;
-gradient clipping at 1.0; optional bf16/fp16 autocast.
+gradient clipping at 1.0; optional bf16/fp16 autocast (the weights and AdamW's state stay
+fp32); optional `--compile`: `model.compile(dynamic=True)`, as `hvdft train --compile` does
+(length-grouped batches change shape every step).
 
 `--naive`: every row padded to 128 (`padding="max_length", truncation=True,
 max_length=128`), random batches with no length grouping. Pass `--precision fp32` and
@@ -98,6 +100,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--compile", action="store_true", help="model.compile(dynamic=True), as hvdft --compile.")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--naive", action="store_true", help="Pad every row to 128, no length grouping.")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default).")
@@ -128,6 +131,8 @@ def main() -> int:
 
     model = AutoModelForTokenClassification.from_pretrained(args.model, config=config).to(device)
     model.train()
+    if args.compile:
+        model.compile(dynamic=True)
     try:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     except (RuntimeError, ValueError, TypeError):
@@ -175,7 +180,7 @@ def main() -> int:
         "device": str(device),
         "results": {"train_runtime": runtime, "train_tokens": tokens, "train_tokens_per_second": tokens / runtime,
                     "train_steps": len(steps), "precision": args.precision, "per_rank_batch_size": args.batch_size,
-                    "max_length": max_length, "naive": args.naive, "final_loss": float(loss)},
+                    "max_length": max_length, "naive": args.naive, "compile": args.compile, "final_loss": float(loss)},
     }
     if args.profile:
         with open(args.profile, "w") as f:
