@@ -88,3 +88,59 @@ def test_ratios_and_preprocessing(report: dict) -> None:
     hv = next(r for r in report["runs"] if r["row"] == "hvdft-1")
     assert hv["hvdft_all_results"]["train_steps"] == report["meta"]["steps"]
     assert hv["real_tokens"] <= hv["hvdft_all_results"]["train_tokens"]
+
+
+# ----------------------------------------------------------------------------- --suite cpu-fast-path
+
+
+@pytest.fixture(scope="module")
+def fast_path(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`bench.py --suite cpu-fast-path --smoke`: every row's code path, a few steps each."""
+    reason = _available()
+    if reason:
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("fast-path")
+    out = tmp / "fast.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--suite", "cpu-fast-path", "--smoke", "--json", str(out),
+         "--workdir", str(tmp / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, f"cpu-fast-path --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for title in ("Speed:", "Accuracy cost:", "bf16 / fp32 (hvdft):", "Scaling:"):
+        assert title in proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_fast_path_speed_rows(fast_path: dict) -> None:
+    runs = fast_path["speed"]["runs"]
+    cells = {(r["config"], r["row"]) for r in runs}
+    assert cells == {(c, row) for c in ("fp32", "bf16+compile") for row in ("hvdft-1", "plain")}
+    for r in runs:
+        assert r["tokens_per_second"] > 0 and math.isfinite(r["load_before"])
+        compiled = r["config"].endswith("compile")
+        assert ("--compile" in r["command"]) == compiled
+        assert r["command"][r["command"].index("--precision") + 1] == ("bf16" if "bf16" in r["config"] else "fp32")
+
+
+def test_fast_path_f1_rows(fast_path: dict) -> None:
+    runs = {r["precision"]: r for r in fast_path["f1"]["runs"]}
+    assert set(runs) == {"fp32", "bf16"}
+    for r in runs.values():
+        assert 0.0 <= r["dev_f1"] <= 1.0 and r["train_steps"] == 2  # 64 sentences, batch 32
+    verdict = fast_path["bf16_verdict"]
+    assert set(verdict) >= {"hvdft_bf16_over_fp32", "f1_gap_points", "bf16_pays"}
+
+
+def test_fast_path_scaling_rows(fast_path: dict) -> None:
+    res = fast_path["scaling"]
+    labels = [r["label"] for r in res["runs"]]
+    for expected in ("hvdft-1 (batch 32)", "2 x 16, Gloo", "2 x 16, MPI (mpirun)", "2 x 16, Gloo, --fp16-allreduce",
+                     "2 x 16, Gloo, fusion 128 MiB, cycle 10 ms", "2 x 16 x accum 4, Gloo"):
+        assert expected in labels and res["ratios"][expected] > 0
+    assert any(label.startswith("ceiling") for label in labels)
+    by = {r["label"]: r for r in res["runs"]}
+    assert "--mpi" in by["2 x 16, MPI (mpirun)"]["command"]
+    assert "--fp16-allreduce" in by["2 x 16, Gloo, --fp16-allreduce"]["command"]
+    assert by["2 x 16 x accum 4, Gloo"]["global_batch"] == 128
+    assert by["2 x 16, Gloo"]["world"] == 2 and by["hvdft-1 (batch 32)"]["world"] == 1
