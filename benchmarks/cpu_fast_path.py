@@ -66,9 +66,12 @@ def log_run(part: str, label: str, s: dict[str, Any]) -> None:
           f"load {s['load_before']:.2f}, others {s['other_cpu_cores'] or 0:.2f} cores)", flush=True)
 
 
-def loaded(loads: list[float], limit: float) -> str:
-    worst = max(loads)
-    return f"{worst:.1f}" + (" (loaded)" if worst > limit else "")
+def loaded(runs: list[dict[str, Any]], limit: float) -> str:
+    """The worst 1-minute load average at a run's start, and the cores others kept busy during it."""
+    worst = max(r["load_before"] for r in runs)
+    others = [r["other_cpu_cores"] for r in runs if r.get("other_cpu_cores") is not None]
+    busy = f"; others used {max(others):.1f} cores" if others else ""
+    return f"{worst:.1f}{busy}" + (" (loaded)" if worst > limit else "")
 
 
 # ----------------------------------------------------------------------------- speed
@@ -120,7 +123,7 @@ def speed_table(runs: list[dict[str, Any]], a: argparse.Namespace) -> str:
 
             reps = len({r["rep"] for r in mine})
             lines.append(f"| {model} | {config} | {fmt(h)} | {fmt(p)} | {rel(h, p)} | {rel(h, hf)} | {rel(p, pf)} | "
-                         f"{reps} | {loaded([r['load_before'] for r in mine], a.load_limit)} |")
+                         f"{reps} | {loaded(mine, a.load_limit)} |")
     return "\n".join(lines)
 
 
@@ -154,7 +157,7 @@ def f1_table(runs: list[dict[str, Any]], a: argparse.Namespace) -> str:
         vs = f"{r['tokens_per_second'] / ref['tokens_per_second']:.2f}x" if ref else "-"
         f1 = f"{100 * r['dev_f1']:.2f}" if r.get("dev_f1") is not None else "-"
         lines.append(f"| {r['precision']} | {f1} | {r['tokens_per_second']:,.0f} | {vs} | {r['train_steps']} | "
-                     f"{loaded([r['load_before']], a.load_limit)} |")
+                     f"{loaded([r], a.load_limit)} |")
     return "\n".join(lines)
 
 
@@ -232,6 +235,7 @@ def part_scaling(a: argparse.Namespace, train_file: Path, workdir: Path) -> dict
             raise bench.RunFailed("a ceiling run failed (see the logs in the workdir)")
         s = dict(pair[0], tokens_per_second=sum(p["tokens_per_second"] for p in pair),
                  load_before=max(p["load_before"] for p in pair), part="scaling", rep=rep, global_batch=32,
+                 other_cpu_cores=None,  # each run counts its twin as "others": not meaningful here
                  label="ceiling: 2 independent 1-thread runs of 16, no communication", options={"ceiling": True})
         runs.append(s)
         log_run("scaling", "ceiling (2 x 1 thread, no allreduce)", s)
@@ -291,7 +295,7 @@ def scaling_table(res: dict[str, Any], a: argparse.Namespace) -> str:
             f"{'-' if comm is None else format(m('sync_wait_ms'), '.0f')} | "
             f"{'-' if comm is None else format(m('step_allreduce_wait_ms'), '.0f')} | "
             f"{'-' if comm is None else format(100 * comm, '.0f') + '%'} | "
-            f"{loaded([r['load_before'] for r in mine], a.load_limit)} |")
+            f"{loaded(mine, a.load_limit)} |")
     return "\n".join(lines)
 
 
