@@ -251,6 +251,11 @@ def summarize(records: list[dict[str, Any]], warmup: int, steps: int) -> dict[st
     if world > 1:  # per step: the share of the busiest rank's padded tokens the lightest lacks
         per_step = [[r["steps"][k]["slots"] for r in records] for k in range(warmup, steps)]
         imbalance = statistics.fmean((max(s) - min(s)) / max(s) for s in per_step)
+    # CPU seconds (all threads, all ranks) over the window: robust to other processes' load,
+    # which changes the wall time a run gets but hardly the CPU time its work costs.
+    cpu_s = None
+    if all("cpu_end" in r["steps"][0] for r in records) and warmup:
+        cpu_s = sum(r["steps"][-1]["cpu_end"] - r["steps"][warmup - 1]["cpu_end"] for r in records)
     cuda = [r["cuda_max_allocated_mb"] for r in records if r.get("cuda_max_allocated_mb") is not None]
     return {
         "world": world,
@@ -262,6 +267,8 @@ def summarize(records: list[dict[str, Any]], warmup: int, steps: int) -> dict[st
         "padded_slots": slots,
         "sentences": rows,
         "tokens_per_second": tokens / elapsed,
+        "cpu_seconds": cpu_s,
+        "tokens_per_cpu_second": tokens / cpu_s if cpu_s else None,
         "sentences_per_second": rows / elapsed,
         "padding_fraction": 1.0 - tokens / slots if slots else 0.0,
         "tokens_per_sentence": tokens / rows if rows else 0.0,

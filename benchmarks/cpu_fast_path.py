@@ -98,16 +98,20 @@ def part_speed(a: argparse.Namespace, train_file: Path, workdir: Path) -> dict[s
 
 def speed_table(runs: list[dict[str, Any]], a: argparse.Namespace) -> str:
     lines = ["| model | configuration | hvdft, 1 rank (tokens/s) | plain loop (tokens/s) | hvdft / plain | "
-             "hvdft vs its fp32 | plain vs its fp32 | reps | load at start |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "hvdft vs its fp32 | plain vs its fp32 | hvdft tokens per CPU-s (vs fp32) | "
+             "plain tokens per CPU-s (vs fp32) | reps | load at start |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model in dict.fromkeys(r["model"] for r in runs):
         med: dict[tuple[str, str], float] = {}
+        cpu: dict[tuple[str, str], float] = {}
         for config in a.configs:
             for row in ("hvdft-1", "plain"):
-                vals = [r["tokens_per_second"] for r in runs
-                        if (r["model"], r["config"], r["row"]) == (model, config, row)]
+                mine = [r for r in runs if (r["model"], r["config"], r["row"]) == (model, config, row)]
+                if mine:
+                    med[config, row] = statistics.median(r["tokens_per_second"] for r in mine)
+                vals = [r["tokens_per_cpu_second"] for r in mine if r.get("tokens_per_cpu_second")]
                 if vals:
-                    med[config, row] = statistics.median(vals)
+                    cpu[config, row] = statistics.median(vals)
         for config in a.configs:
             mine = [r for r in runs if (r["model"], r["config"]) == (model, config)]
             if not mine:
@@ -122,7 +126,10 @@ def speed_table(runs: list[dict[str, Any]], a: argparse.Namespace) -> str:
                 return f"{x / y:.2f}x" if x and y else "-"
 
             reps = len({r["rep"] for r in mine})
+            hc, pc = cpu.get((config, "hvdft-1")), cpu.get((config, "plain"))
+            hcf, pcf = cpu.get(("fp32", "hvdft-1")), cpu.get(("fp32", "plain"))
             lines.append(f"| {model} | {config} | {fmt(h)} | {fmt(p)} | {rel(h, p)} | {rel(h, hf)} | {rel(p, pf)} | "
+                         f"{fmt(hc)} ({rel(hc, hcf)}) | {fmt(pc)} ({rel(pc, pcf)}) | "
                          f"{reps} | {loaded(mine, a.load_limit)} |")
     return "\n".join(lines)
 
@@ -150,13 +157,17 @@ def part_f1(a: argparse.Namespace, train_file: Path, valid_file: Path, workdir: 
 
 
 def f1_table(runs: list[dict[str, Any]], a: argparse.Namespace) -> str:
-    lines = ["| precision | dev F1 (1 epoch) | real tokens/s over the epoch | vs fp32 | steps | load at start |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| precision | dev F1 (1 epoch) | real tokens/s over the epoch | vs fp32 | tokens per CPU-s | vs fp32 | "
+             "steps | load at start |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     ref = next((r for r in runs if r["precision"] == "fp32"), None)
     for r in runs:
         vs = f"{r['tokens_per_second'] / ref['tokens_per_second']:.2f}x" if ref else "-"
+        tc, rc = r.get("tokens_per_cpu_second"), (ref or {}).get("tokens_per_cpu_second")
+        vc = f"{tc / rc:.2f}x" if tc and rc else "-"
         f1 = f"{100 * r['dev_f1']:.2f}" if r.get("dev_f1") is not None else "-"
-        lines.append(f"| {r['precision']} | {f1} | {r['tokens_per_second']:,.0f} | {vs} | {r['train_steps']} | "
+        lines.append(f"| {r['precision']} | {f1} | {r['tokens_per_second']:,.0f} | {vs} | "
+                     f"{f'{tc:,.0f}' if tc else '-'} | {vc} | {r['train_steps']} | "
                      f"{loaded([r], a.load_limit)} |")
     return "\n".join(lines)
 
@@ -233,7 +244,9 @@ def part_scaling(a: argparse.Namespace, train_file: Path, workdir: Path) -> dict
             t.join()
         if len(pair) != 2:
             raise bench.RunFailed("a ceiling run failed (see the logs in the workdir)")
+        cpu_s = [p["cpu_seconds"] for p in pair if p.get("cpu_seconds")]
         s = dict(pair[0], tokens_per_second=sum(p["tokens_per_second"] for p in pair),
+                 tokens_per_cpu_second=sum(p["real_tokens"] for p in pair) / sum(cpu_s) if len(cpu_s) == 2 else None,
                  load_before=max(p["load_before"] for p in pair), part="scaling", rep=rep, global_batch=32,
                  other_cpu_cores=None,  # each run counts its twin as "others": not meaningful here
                  label="ceiling: 2 independent 1-thread runs of 16, no communication", options={"ceiling": True})
@@ -258,28 +271,29 @@ def part_scaling(a: argparse.Namespace, train_file: Path, workdir: Path) -> dict
         for rep in range(a.scaling_reps):
             for label, o in scaling_variants(best):
                 one(label, o, rep)
-    return {"runs": runs, "ratios": scaling_ratios(runs)}
+    return {"runs": runs, "ratios": scaling_ratios(runs), "cpu_ratios": scaling_ratios(runs, "tokens_per_cpu_second")}
 
 
-def scaling_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Median over reps of (variant tokens/s) / (hvdft-1 tokens/s of the same rep)."""
+def scaling_ratios(runs: list[dict[str, Any]], key: str = "tokens_per_second") -> dict[str, float]:
+    """Median over reps of (variant `key`) / (hvdft-1 `key` of the same rep)."""
     out: dict[str, float] = {}
     for label in dict.fromkeys(r["label"] for r in runs):
         per = []
         for r in (r for r in runs if r["label"] == label):
             ref = next((x for x in runs if x["label"] == "hvdft-1 (batch 32)" and x["rep"] == r["rep"]), None)
-            if ref:
-                per.append(r["tokens_per_second"] / ref["tokens_per_second"])
+            if ref and r.get(key) and ref.get(key):
+                per.append(r[key] / ref[key])
         if per:
             out[label] = statistics.median(per)
     return out
 
 
 def scaling_table(res: dict[str, Any], a: argparse.Namespace) -> str:
-    runs, ratio = res["runs"], res["ratios"]
-    lines = ["| configuration | global batch | real tokens/s | ratio to hvdft-1 | step (ms) | "
-             "synchronize() wait (ms) | per-step allreduce wait (ms) | comm wait | load at start |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    runs, ratio, cratio = res["runs"], res["ratios"], res.get("cpu_ratios", {})
+    lines = ["| configuration | global batch | real tokens/s | ratio to hvdft-1 | tokens per CPU-s | "
+             "ratio to hvdft-1 (CPU) | step (ms) | synchronize() wait (ms) | per-step allreduce wait (ms) | "
+             "comm wait | load at start |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in dict.fromkeys(r["label"] for r in runs):
         mine = [r for r in runs if r["label"] == label]
 
@@ -289,8 +303,10 @@ def scaling_table(res: dict[str, Any], a: argparse.Namespace) -> str:
 
         comm = m("comm_wait_fraction")
         ceiling = mine[0]["options"].get("ceiling")
+        tc = m("tokens_per_cpu_second")
         lines.append(
             f"| {label} | {mine[0]['global_batch']} | {m('tokens_per_second'):,.0f} | {ratio.get(label, 0):.2f}x | "
+            f"{f'{tc:,.0f}' if tc else '-'} | {f'{cratio[label]:.2f}x' if label in cratio else '-'} | "
             f"{'-' if ceiling else format(m('step_ms'), '.0f')} | "
             f"{'-' if comm is None else format(m('sync_wait_ms'), '.0f')} | "
             f"{'-' if comm is None else format(m('step_allreduce_wait_ms'), '.0f')} | "

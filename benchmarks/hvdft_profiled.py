@@ -14,7 +14,8 @@ the training loop looks up at call time are wrapped with timers:
 - `hvdft.dist.wrap_optimizer` -> the returned DistributedOptimizer's `synchronize()` (the
                                   wait for the gradient allreduces still in flight when
                                   backward ends) and `zero_grad()` (the last call of a step:
-                                  its return time stamps the end of the step);
+                                  its return time stamps the end of the step, in wall
+                                  time and in this process's CPU time, all threads);
 - `hvdft.train.train`         -> after training, this rank's record goes to
                                   $HVDFT_BENCH_PROFILE/rank<N>.json with its peak RSS
                                   (getrusage ru_maxrss) and CUDA peak allocation.
@@ -104,7 +105,7 @@ def _install() -> None:
                 # Queued GPU work finished at the window's edges only: hvdft itself
                 # never syncs the device per step, and neither does this record.
                 torch.cuda.synchronize()
-            steps.append({"t_end": clock(), **cur})
+            steps.append({"t_end": clock(), "cpu_end": time.process_time(), **cur})
             fresh()
 
         opt.synchronize, opt.zero_grad = synchronize, zero_grad

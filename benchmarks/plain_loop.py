@@ -166,7 +166,7 @@ def main() -> int:
         optimizer.zero_grad()
         if device.type == "cuda" and len(steps) + 1 in (args.warmup, args.steps):
             torch.cuda.synchronize()
-        record["t_end"] = clock()
+        record["t_end"], record["cpu_end"] = clock(), time.process_time()
         steps.append(record)
         if len(steps) % 10 == 0:
             print(f"step {len(steps)} loss {loss.item():.4f}", flush=True)
