@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/bench.py --suite cpu-fast-path [--json out.json]   # or:
     .venv/bin/python benchmarks/cpu_fast_path.py [--parts speed,f1,scaling] [--smoke] [--json out.json]
 
-Three tables, every figure measured in this run (bench.py's machinery: the unchanged hvdft
+A kernel line and three tables, every figure measured in this run (bench.py's machinery: the unchanged hvdft
 CLI under benchmarks/hvdft_profiled.py, and benchmarks/plain_loop.py as the baseline):
 
+kernel   one BERT-base-sized matmul in fp32 and bf16 on one thread, in GFLOP per CPU-second
+         (CPU time: what the CPU's units give bf16, whatever else the machine is running).
 speed    hvdft on 1 rank and the plain PyTorch loop side by side, for fp32, bf16 (autocast,
          fp32 weights and optimizer state), --compile (torch.compile, dynamic shapes, on the
          length-grouped batches) and bf16 + compile; MiniLM-L6 and a random-initialised
@@ -72,6 +74,43 @@ def loaded(runs: list[dict[str, Any]], limit: float) -> str:
     others = [r["other_cpu_cores"] for r in runs if r.get("other_cpu_cores") is not None]
     busy = f"; others used {max(others):.1f} cores" if others else ""
     return f"{worst:.1f}{busy}" + (" (loaded)" if worst > limit else "")
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def part_kernel(reps: int = 20) -> dict[str, Any]:
+    """One BERT-base feed-forward matmul (1,280 tokens x 768 -> 3,072), fp32 against bf16, on one
+    thread, timed in this process's CPU seconds: what the CPU's units give bf16, nearly
+    independent of other processes' load (they change the wall time, not the work)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x, w = torch.randn(1280, 768), torch.randn(3072, 768)
+    out: dict[str, Any] = {"mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = x.to(dtype), w.to(dtype)
+            for _ in range(3):
+                torch.nn.functional.linear(a, b)
+            t = time.process_time()
+            for _ in range(reps):
+                torch.nn.functional.linear(a, b)
+            cpu = (time.process_time() - t) / reps
+            flops = 2 * 1280 * 768 * 3072
+            out[str(dtype).split(".")[1]] = {"cpu_ms": 1000 * cpu, "gflops_per_cpu_s": flops / cpu / 1e9}
+    finally:
+        torch.set_num_threads(threads)
+    out["bf16_over_fp32"] = out["bfloat16"]["gflops_per_cpu_s"] / out["float32"]["gflops_per_cpu_s"]
+    return out
+
+
+def kernel_line(k: dict[str, Any]) -> str:
+    return (f"Kernel: a BERT-base feed-forward matmul (1,280 x 768 -> 3,072) on one thread: fp32 "
+            f"{k['float32']['gflops_per_cpu_s']:.1f} GFLOP per CPU-second, "
+            f"bf16 {k['bfloat16']['gflops_per_cpu_s']:.1f} "
+            f"({k['bf16_over_fp32']:.2f}x); oneDNN bf16 support on this CPU: {k['mkldnn_bf16_supported']}")
 
 
 # ----------------------------------------------------------------------------- speed
@@ -396,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             Path(a.json).write_text(json.dumps(dict(report, table="\n\n".join(tables)), indent=2, default=str))
     try:
+        report["kernel"] = part_kernel()
+        emit(kernel_line(report["kernel"]))
         if "speed" in a.parts:
             report["speed"] = part_speed(a, train_file, workdir)
             emit(f"Speed: hvdft on 1 rank and the plain loop; MiniLM {a.steps} steps ({a.warmup} warm-up "
