@@ -144,3 +144,9 @@ def test_fast_path_scaling_rows(fast_path: dict) -> None:
     assert "--fp16-allreduce" in by["2 x 16, Gloo, --fp16-allreduce"]["command"]
     assert by["2 x 16 x accum 4, Gloo"]["global_batch"] == 128
     assert by["2 x 16, Gloo"]["world"] == 2 and by["hvdft-1 (batch 32)"]["world"] == 1
+
+
+def test_fast_path_kernel_line(fast_path: dict) -> None:
+    k = fast_path["kernel"]
+    assert k["float32"]["gflops_per_cpu_s"] > 0 and k["bfloat16"]["gflops_per_cpu_s"] > 0
+    assert k["bf16_over_fp32"] > 0 and isinstance(k["mkldnn_bf16_supported"], bool)
