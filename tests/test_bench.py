@@ -115,7 +115,7 @@ def fast_path(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_fast_path_speed_rows(fast_path: dict) -> None:
     runs = fast_path["speed"]["runs"]
     cells = {(r["config"], r["row"]) for r in runs}
-    assert cells == {(c, row) for c in ("fp32", "bf16+compile") for row in ("hvdft-1", "plain")}
+    assert cells == {(c, row) for c in ("fp32", "compile") for row in ("hvdft-1", "plain")}
     for r in runs:
         assert r["tokens_per_second"] > 0 and math.isfinite(r["load_before"])
         compiled = r["config"].endswith("compile")
