@@ -199,8 +199,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 # (Adasum reduces the updates inside step() instead: it clips local gradients.)
                 optimizer.synchronize()
                 scaler.unscale_(optimizer)
+                # The pre-clip global L2 norm of the averaged gradient (under Adasum: of this
+                # rank's local one). Logged, it shows the gradient's scale, which clipping and
+                # AdamW hide from the weights: a world-size error doubles or halves it.
                 if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm(
+                        [p.grad for p in model.parameters() if p.grad is not None])
                 if average:
                     with optimizer.skip_synchronize():
                         scaler.step(optimizer)
@@ -226,6 +232,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     record = {
                         "step": step, "epoch": round(epoch + batch_in_epoch / len(sampler), 4),
                         "loss": float(totals[0] / max(float(totals[1]), 1.0)),
+                        # of this step only (the loss is the mean since the last line); null
+                        # when fp16 overflowed and the GradScaler skipped the step
+                        "grad_norm": float(grad_norm) if math.isfinite(float(grad_norm)) else None,
                         "lr": scheduler.get_last_lr()[0], "tokens_per_second": rate,
                     }
                     running_loss.zero_()
