@@ -175,9 +175,10 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--epochs", type=float, default=3.0, show_default=True),
         click.option("--batch-size", type=int, default=8, show_default=True, help="Per rank."),
         click.option("--lr", type=float, default=5e-5, show_default=True,
-                     help="Before scaling by the number of ranks."),
-        click.option("--scale-lr/--no-scale-lr", default=True, show_default=True,
-                     help="Multiply the learning rate by the number of ranks."),
+                     help="Peak learning rate, used as given unless --scale-lr says otherwise."),
+        click.option("--scale-lr", type=click.Choice(["none", "linear", "sqrt"]), default="none", show_default=True,
+                     help="Scale --lr with the number of ranks: linear (x N, Horovod's large-batch SGD "
+                          "convention) or sqrt (x sqrt(N)); none takes it as given, as HF and Accelerate do."),
         click.option("--weight-decay", type=float, default=0.0, show_default=True),
         click.option("--warmup-ratio", type=float, default=0.0, show_default=True),
         click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="0 disables clipping."),

@@ -37,7 +37,7 @@ class TrainConfig:
     grad_accum: int = 1
     fp16_allreduce: bool = False
     allreduce_op: str = "average"
-    scale_lr: bool = True
+    scale_lr: str = "none"  # none | linear | sqrt: --lr times 1, N or sqrt(N) ranks
     eval_every: int = 0  # steps; 0 = once per epoch
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
     metric: str | None = None
@@ -82,8 +82,17 @@ class TrainConfig:
             raise HvdftError(f"--precision must be fp32, bf16 or fp16, got {self.precision}")
         if self.allreduce_op not in ("average", "adasum"):
             raise HvdftError(f"--allreduce-op must be average or adasum, got {self.allreduce_op}")
+        if self.scale_lr not in ("none", "linear", "sqrt"):
+            raise HvdftError(f"--scale-lr must be none, linear or sqrt, got {self.scale_lr}")
+        if self.scale_lr != "none" and self.allreduce_op == "adasum":
+            raise HvdftError(f"--scale-lr {self.scale_lr} with --allreduce-op adasum: Adasum combines the "
+                             "ranks' updates adaptively and takes the rate as given; drop --scale-lr")
         if not self.dataset and not self.train_file:
             raise HvdftError("give --train-file (and --validation-file) or --dataset")
+
+    def effective_lr(self, world: int) -> float:
+        """The peak learning rate on `world` ranks: --lr scaled as --scale-lr says."""
+        return self.lr * {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[self.scale_lr]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

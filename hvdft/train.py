@@ -99,8 +99,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     average = cfg.allreduce_op == "average"
-    # Horovod's convention: N ranks take N-times larger batches, so N-times the rate.
-    lr = cfg.lr * (world if cfg.scale_lr and average else 1)
+    lr = cfg.effective_lr(world)  # as given unless --scale-lr linear|sqrt
     optimizer = _adamw(model, lr, cfg.weight_decay, device)
     optimizer = dist.wrap_optimizer(
         optimizer, model.named_parameters(), backward_passes_per_step=cfg.grad_accum,
@@ -606,7 +605,7 @@ def _header(cfg: TrainConfig, task: str, world: int, lr: float, steps_per_epoch:
         f"  data: {sizes} (examples; each rank reads and tokenizes its own shard)",
         f"  batch: {cfg.batch_size} per rank x {world} ranks x {cfg.grad_accum} accumulation "
         f"= {cfg.batch_size * world * cfg.grad_accum} global",
-        f"  lr {lr:g} ({'scaled x' + str(world) if lr != cfg.lr else 'not scaled'}), "
+        f"  lr {lr:g} effective (--lr {cfg.lr:g}, --scale-lr {cfg.scale_lr}), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, precision {cfg.precision}, "
         f"allreduce {cfg.allreduce_op}{' fp16' if cfg.fp16_allreduce else ''}",
     ]
