@@ -219,18 +219,35 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config_from(ctx: click.Context, task: str, params: dict[str, Any]) -> Any:
+    """The run's TrainConfig: the command line, then the --config file for options left
+    at their default. File values go through the same Click types as the command line
+    (YAML reads `lr: 5e-5` as a string; TOML has no way to say `--precision`)."""
     from hvdft.config import TrainConfig, load_config_file
 
     values = dict(params)
     config_file = values.pop("config_file", None)
     if config_file:
-        from_file = load_config_file(config_file)
+        from_file, lines = load_config_file(config_file)
+        options = {p.name: p for p in ctx.command.params if p.name != "config_file"}
         for key, value in from_file.items():
-            if key not in values:
-                raise HvdftError(f"unknown option '{key}'", config_file)
+            if key not in options:
+                raise HvdftError(f"unknown option '{key}'", config_file, lines.get(key))
             if ctx.get_parameter_source(key) == ParameterSource.DEFAULT:
-                values[key] = value
+                values[key] = _convert(ctx, options[key], value, config_file, lines.get(key))
     return TrainConfig(task=task, **values)
+
+
+def _convert(ctx: click.Context, option: click.Parameter, value: Any, path: str, line: int | None) -> Any:
+    """A config-file value as the command line would have made it, or a one-line error."""
+    flag_value = getattr(option, "flag_value", None)
+    if isinstance(value, bool) and not getattr(option, "is_flag", False) and flag_value is not None:
+        return flag_value if value else None  # `resume: true` means a bare --resume
+    if isinstance(value, (list, dict)):
+        raise HvdftError(f"{option.name}: expected one value, got {type(value).__name__}", path, line)
+    try:
+        return option.type_cast_value(ctx, value) if value is not None else None
+    except click.BadParameter as exc:
+        raise HvdftError(exc.format_message(), path, line) from None
 
 
 def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:

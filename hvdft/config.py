@@ -111,8 +111,10 @@ RESUME_MUST_MATCH = ("task", "model", "seed", "batch_size", "grad_accum", "max_l
                      "label_all_tokens", "group_by_length", "shuffle", "precision")
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML or TOML file; keys as on the command line (dashes or underscores)."""
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Options from a YAML or TOML file, keys as on the command line (dashes or
+    underscores), and the line each key is on (for error messages). The values are
+    as the parser read them: the caller converts them like command-line text."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -131,4 +133,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise HvdftError(f"invalid config file: {exc}".splitlines()[0], p) from None
     if not isinstance(data, dict):
         raise HvdftError("config file must hold a mapping of option: value", p)
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    options = {str(k).replace("-", "_"): v for k, v in data.items()}
+    return options, _key_lines(text, list(data))
+
+
+def _key_lines(text: str, keys: list[Any]) -> dict[str, int]:
+    """option -> 1-based line of its key: the first line that starts with the key
+    (optionally quoted) followed by ':' or '='. Neither parser reports positions in
+    its plain API, and a top-level key starts its line in both formats."""
+    import re
+
+    lines: dict[str, int] = {}
+    text_lines = text.splitlines()
+    for key in keys:
+        pattern = re.compile(r"""^\s*["']?""" + re.escape(str(key)) + r"""["']?\s*[:=]""")
+        found = next((i for i, line in enumerate(text_lines, 1) if pattern.match(line)), None)
+        if found is not None:
+            lines[str(key).replace("-", "_")] = found
+    return lines
