@@ -43,41 +43,51 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
             from hvdft import dist
 
             dist.shutdown()
-        except HvdftError as exc:
-            _hold_signals()
-            if not getattr(exc, "agreed", False):
-                click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
-            elif _is_main():  # one error for the whole job: no rank label
-                click.echo(f"hvdft: error: {exc}", err=True)
-            code = EXIT_USER_ERROR
-        except Interrupted as exc:
-            _hold_signals()
-            if _is_main():
-                click.echo(f"hvdft: {exc}", err=True)
-            code = EXIT_INTERRUPTED
-        except KeyboardInterrupt:
-            click.echo(f"hvdft: {_rank_label()}interrupted", err=True)
-            code = EXIT_INTERRUPTED
-        except Exception as exc:  # noqa: BLE001 - a crash: say where, on which rank
-            _hold_signals()
-            label = _rank_label() or "[rank 0] "
-            if type(exc).__name__ == "HorovodInternalError" and _rank_label():
-                # Not this rank's fault: a peer failed or was killed mid-collective. Its own
-                # error (or the launcher's "process N exited" line) names it; a traceback
-                # of this rank's wait would only bury that.
-                first = (str(exc).splitlines() or [""])[0]
-                click.echo(f"hvdft: error: {label}stopped because another rank failed or was killed "
-                           f"(Horovod: {first[:160]})", err=True)
-            else:
-                trace = traceback.format_exc()
-                sys.stderr.write("".join(f"{label}{line}" for line in trace.splitlines(True)))
-                click.echo(f"hvdft: error: {label}crashed: {type(exc).__name__}: {exc}", err=True)
-            code = EXIT_CRASH
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every exit goes through report()
+            code = report(exc)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
 
     return wrapper
+
+
+def report(exc: BaseException) -> int:
+    """Print what ended a command, as this rank should, and return its exit status.
+
+    User errors: one line; an error every rank agreed on is printed by rank 0 alone, so
+    a job prints it once. Signals: 130. Bugs: traceback and a one-line summary, 1.
+    Call it from the `except` block that caught `exc` (it prints that traceback).
+    """
+    if isinstance(exc, HvdftError):
+        _hold_signals()
+        if not getattr(exc, "agreed", False):
+            click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
+        elif _is_main():  # one error for the whole job: no rank label
+            click.echo(f"hvdft: error: {exc}", err=True)
+        return EXIT_USER_ERROR
+    if isinstance(exc, Interrupted):
+        _hold_signals()
+        if _is_main():
+            click.echo(f"hvdft: {exc}", err=True)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, KeyboardInterrupt):
+        click.echo(f"hvdft: {_rank_label()}interrupted", err=True)
+        return EXIT_INTERRUPTED
+    _hold_signals()
+    label = _rank_label() or "[rank 0] "
+    if type(exc).__name__ == "HorovodInternalError" and _rank_label():
+        # Not this rank's fault: a peer failed or was killed mid-collective. Its own
+        # error (or the launcher's "process N exited" line) names it; a traceback
+        # of this rank's wait would only bury that.
+        first = (str(exc).splitlines() or [""])[0]
+        click.echo(f"hvdft: error: {label}stopped because another rank failed or was killed "
+                   f"(Horovod: {first[:160]})", err=True)
+    else:
+        trace = traceback.format_exc()
+        sys.stderr.write("".join(f"{label}{line}" for line in trace.splitlines(True)))
+        click.echo(f"hvdft: error: {label}crashed: {type(exc).__name__}: {exc}", err=True)
+    return EXIT_CRASH
 
 
 def _hold_signals() -> None:
@@ -254,12 +264,19 @@ def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:
     from hvdft import dist
     from hvdft.train import train
 
-    cfg = _config_from(ctx, task, params)
-    cfg.validate()
+    # Horovod first, then the options, agreed on: validated before Horovod starts, a bad
+    # option was printed by every rank of a launched job (they cannot yet tell who is 0).
     dist.init()
+    cfg = dist.agree(lambda: _validated_config(ctx, task, params))
     setup_logging()
     train(cfg)
     return 0
+
+
+def _validated_config(ctx: click.Context, task: str, params: dict[str, Any]) -> Any:
+    cfg = _config_from(ctx, task, params)
+    cfg.validate()
+    return cfg
 
 
 @main.group()
