@@ -143,7 +143,23 @@ def _fingerprint(task: Task, columns: dict[str, list], tokenizer: Any, label2id:
     from hvdft import __version__
 
     h.update(__version__.encode())
+    for source in _task_sources(task):  # what produced the features: a changed featurize is a new key
+        h.update(source)
     return h.hexdigest()[:32]
+
+
+def _task_sources(task: Task) -> list[bytes]:
+    """The source files of the modules defining the task's class and its bases (the task
+    module, tasks/base.py): their bytes key the cache, so features made by older code
+    are never reused. The package version alone misses edits made between releases."""
+    import sys
+
+    seen: list[str] = []
+    for cls in type(task).__mro__:
+        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        if path and path not in seen and cls.__module__ not in ("builtins", "abc"):
+            seen.append(path)
+    return [Path(p).read_bytes() for p in seen]
 
 
 @dataclass
