@@ -217,7 +217,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 step += 1
                 train_time += time.perf_counter() - t0
                 debug.step(step, epoch, [[splits["train"].ids[features["train"]["example"][r]] for r in b.rows]
-                                         for b in micro])
+                                         for b in micro], [list(b.inputs["input_ids"].shape) for b in micro])
                 progress.update(1)
                 end_of_epoch = batch_in_epoch >= len(sampler)
 
@@ -658,7 +658,7 @@ def _inject_fault(rank: int, step: int, stop: _StopFlag) -> None:
 class _Debug:
     """HVDFT_DEBUG_DIR=dir: each rank appends JSON lines to dir/rank<N>.jsonl: hashes of
     its parameters and optimizer state (before/after the initial broadcast, at the end)
-    and the global example ids of every step."""
+    and, for every step, the global example ids and padded shape of each micro-batch."""
 
     def __init__(self, rank: int) -> None:
         folder = os.environ.get("HVDFT_DEBUG_DIR")
@@ -675,9 +675,11 @@ class _Debug:
             self._write({"event": event, "params": _digest(model.state_dict()),
                          "optimizer": _digest(optimizer.state_dict())})
 
-    def step(self, step: int, epoch: int, examples: list[list[int]]) -> None:
+    def step(self, step: int, epoch: int, examples: list[list[int]], shapes: list[list[int]]) -> None:
+        """examples: the global example ids of each micro-batch; shapes: each micro-batch's
+        padded [rows, tokens] as the model saw it."""
         if self.path is not None:
-            self._write({"event": "step", "step": step, "epoch": epoch, "examples": examples})
+            self._write({"event": "step", "step": step, "epoch": epoch, "examples": examples, "shapes": shapes})
 
 
 def _digest(obj: Any) -> str:
