@@ -636,9 +636,10 @@ def _truncate_metrics_log(path: Path, step: int) -> None:
 
 
 def _inject_fault(rank: int, step: int, stop: _StopFlag) -> None:
-    """HVDFT_FAULT="rank=1,step=3,kind=raise|kill|wait": as that rank starts that step, it
-    raises, SIGKILLs itself, or waits (up to 120 s) for a stop signal: a fixed step for
-    a test to send SIGTERM/SIGINT at (the other ranks wait in the step's allreduce)."""
+    """HVDFT_FAULT="rank=1,step=3,kind=raise|kill|wait|hold": as that rank starts that step,
+    it raises, SIGKILLs itself, waits (up to 120 s) for a stop signal: a fixed step for
+    a test to send SIGTERM/SIGINT at (the other ranks wait in the step's allreduce), or
+    holds for 120 s whatever comes: a long step, during which Ctrl-C is pressed twice."""
     spec = os.environ.get("HVDFT_FAULT")
     if not spec:
         return
@@ -647,9 +648,9 @@ def _inject_fault(rank: int, step: int, stop: _StopFlag) -> None:
         return
     if fault["kind"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    if fault["kind"] == "wait":
+    if fault["kind"] in ("wait", "hold"):
         deadline = time.monotonic() + 120
-        while not stop.raised and time.monotonic() < deadline:
+        while not (stop.raised and fault["kind"] == "wait") and time.monotonic() < deadline:
             time.sleep(0.05)
         return
     raise RuntimeError(f"HVDFT_FAULT: injected failure at step {step}")
