@@ -139,7 +139,14 @@ def _fingerprint(task: Task, columns: dict[str, list], tokenizer: Any, label2id:
     h.update(pickle.dumps(columns, protocol=4))
     h.update(json.dumps([task.name, label2id, opts, type(tokenizer).__name__], sort_keys=True).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else tokenizer.name_or_path).encode())
+    if backend is not None:
+        # Without the truncation/padding state: each call of the tokenizer sets it, so it
+        # differs after the previous split was featurized or read from the cache, and an
+        # unchanged rerun missed the cache. What the features depend on is in `opts`.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(tokenizer.name_or_path.encode())
     from hvdft import __version__
 
     h.update(__version__.encode())
