@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ft_support import (
+from support import (
     HVDFT,
     Job,
     debug_events,

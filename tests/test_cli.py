@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import HOROVODRUN, HVDFT, MPIRUN, run
+from support import HVDFT, horovodrun, mpirun, run
 
 from hvdft import __version__
 
@@ -56,9 +56,9 @@ def _check_two_ranks(stdout: str, controller: str) -> None:
 
 @pytest.mark.slow
 def test_doctor_under_horovodrun_gloo() -> None:
-    _check_two_ranks(run([*HOROVODRUN, HVDFT, "doctor", "--json"], timeout=180).stdout, "gloo")
+    _check_two_ranks(run([*horovodrun(), HVDFT, "doctor", "--json"], timeout=180).stdout, "gloo")
 
 
 @pytest.mark.slow
 def test_doctor_under_mpirun() -> None:
-    _check_two_ranks(run([*MPIRUN, HVDFT, "doctor", "--json"], timeout=180).stdout, "mpi")
+    _check_two_ranks(run([*mpirun(), HVDFT, "doctor", "--json"], timeout=180).stdout, "mpi")

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import pytest
-from ft_support import (
+from support import (
     HVDFT,
     debug_events,
     horovodrun,

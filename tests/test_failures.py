@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ft_support import (
+from support import (
     HVDFT,
     debug_events,
     finished_model_files,

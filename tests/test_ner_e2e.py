@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import HOROVODRUN, HVDFT, MPIRUN, run
+from support import HVDFT, horovodrun, mpirun, run
 
 from hvdft.data.prepare import BUNDLED_DATASETS
 from hvdft.tasks.ner import NerTask
@@ -72,7 +72,7 @@ def _check_outputs(out: Path) -> dict:
 @pytest.mark.slow
 def test_train_ner_two_ranks_horovodrun(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run([*HOROVODRUN, HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
+    proc = run([*horovodrun(), HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
     assert "2 rank(s)" in proc.stdout and "16 global" in proc.stdout
     results = _check_outputs(out)
 
@@ -80,7 +80,7 @@ def test_train_ner_two_ranks_horovodrun(tmp_path: Path) -> None:
     text = tmp_path / "in.txt"
     text.write_text("Barack Obama visited Paris\n\nI love New York\nok\n", encoding="utf-8")
     pred = tmp_path / "pred.conll"
-    run([*HOROVODRUN, HVDFT, "predict", "--model", str(out), "--input", str(text), "--output", str(pred)], timeout=300)
+    run([*horovodrun(), HVDFT, "predict", "--model", str(out), "--input", str(text), "--output", str(pred)], timeout=300)
     blocks = [b.split("\n") for b in pred.read_text().strip().split("\n\n")]
     assert [[line.split(" ")[0] for line in b] for b in blocks] == [
         ["Barack", "Obama", "visited", "Paris"], ["I", "love", "New", "York"], ["ok"]]
@@ -107,6 +107,6 @@ def test_train_ner_two_ranks_horovodrun(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_train_ner_two_ranks_mpirun(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run([*MPIRUN, HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
+    proc = run([*mpirun(), HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
     assert "[mpi]" in proc.stdout
     _check_outputs(out)

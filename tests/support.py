@@ -1,8 +1,20 @@
-"""Helpers for the failure, checkpoint and equivalence tests (issue 4).
+"""The test suite's one helper module: how a test starts a job, and what it feeds it.
 
-Every job runs in its own session with a hard timeout, so a hang fails one test and
-leaves no rank behind. Models: "minilm" (22M parameters, offline) where the numbers
-matter, or a tiny random BERT with minilm's tokenizer where only the engine matters.
+One policy for every subprocess a test starts:
+- offline: HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE and HF_DATASETS_OFFLINE are 1 (nothing
+  from the Hub; the model is the offline "minilm" or a tiny random BERT made here);
+- one thread per process (OMP_NUM_THREADS=1, TOKENIZERS_PARALLELISM=false): two ranks
+  share the cores without oversubscribing them, and a run's floating-point results do
+  not depend on how many threads split its reductions;
+- the venv's bin first on PATH; HVDFT_* test hooks left set in the shell removed (only
+  HVDFT_CACHE passes), a test sets the ones it means;
+- mpirun: --oversubscribe -bind-to none (and --allow-run-as-root as root), horovodrun:
+  --gloo;
+- every job runs in its own session, and a timeout (or a job that leaves something
+  behind) kills the whole process group: the launcher AND its ranks.
+
+Models: "minilm" (22M parameters, offline) where the numbers matter, or a tiny random
+BERT with minilm's tokenizer (`make_tiny_model`) where only the engine matters.
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HVDFT = str(BIN / "hvdft")
+SHARED_DATA = ROOT.parent / "shared" / "data"
 AS_ROOT = ["--allow-run-as-root"] if os.geteuid() == 0 else []
 
 
@@ -33,11 +47,11 @@ def mpirun(np: int = 2) -> list[str]:
 
 
 def job_env(**extra: str) -> dict[str, str]:
+    """The environment of every job a test starts (see the module docstring)."""
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    e.setdefault("TOKENIZERS_PARALLELISM", "false")
-    e.setdefault("HF_HUB_OFFLINE", "1")
-    e.setdefault("OMP_NUM_THREADS", "1")
+    e.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     for k in [k for k in e if k.startswith("HVDFT_") and k != "HVDFT_CACHE"]:
         del e[k]  # a test hook left set in the shell must not leak into a job
     e.update(extra)
@@ -61,12 +75,13 @@ class Result:
 
 
 class Job:
-    """A launcher (or a single rank) started in its own session, killed with it on timeout."""
+    """A launcher (or a single process) started in its own session; the session holds the
+    launcher and its ranks, and everything in it is killed on timeout and at the end."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
-        self.cmd = cmd
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | str | None = None):
+        self.cmd = [str(c) for c in cmd]
         self.start = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env or job_env(), cwd=cwd, start_new_session=True)
 
     def signal(self, signum: int) -> None:
@@ -79,26 +94,43 @@ class Job:
             self.kill_all()
             out, err = self.proc.communicate()
             raise AssertionError(f"{self.cmd} did not finish within {timeout}s\n{out[-3000:]}\n{err[-5000:]}") from None
+        self.kill_all()  # a rank the launcher left behind
         return Result(self.proc.returncode, out, err, time.monotonic() - self.start)
 
     def kill_all(self) -> None:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session holds the launcher and its ranks
-        except ProcessLookupError:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
 
 
-def run_job(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> Result:
-    return Job(cmd, env).wait(timeout)
+def run_job(cmd: list, timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: Path | str | None = None) -> Result:
+    return Job(cmd, env, cwd).wait(timeout)
 
 
-def run_ok(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> Result:
-    result = run_job(cmd, timeout, env)
+def run_ok(cmd: list, timeout: float = 300, env: dict[str, str] | None = None,
+           cwd: Path | str | None = None) -> Result:
+    result = run_job(cmd, timeout, env, cwd)
     assert result.returncode == 0, f"{cmd}\n{result.describe()}"
     return result
 
 
+def run(cmd: list, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None,
+        cwd: Path | str | None = None) -> Result:
+    """run_ok, or run_job with check=False."""
+    return (run_ok if check else run_job)(cmd, timeout, env, cwd)
+
+
 # ------------------------------------------------------------------ data and models
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    """A test input file with exactly these bytes (str is written as UTF-8)."""
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return p
+
 
 PEOPLE = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank"]
 PLACES = ["Paris", "Oslo", "Lima", "Cairo", "Tokyo", "Quito"]
@@ -118,6 +150,14 @@ def sentences(n: int, seed: int = 0) -> list[list[tuple[str, str]]]:
         sent += [(rng.choice(FILLER), "O") for _ in range(rng.randint(0, 3))]
         out.append(sent)
     return out
+
+
+def fillers_as_entities(sents: list[list[tuple[str, str]]]) -> list[list[tuple[str, str]]]:
+    """The same sentences with every filler word a PER entity and the names O: a model
+    scores while its predictions are still near random, then less and less the better it
+    learns `sentences()`. A dev set whose best evaluation is an early one, by far
+    (measured with the tiny model, lr 1e-3: F1 0.44, 0.31, 0.05, then 0)."""
+    return [[(w, "B-PER" if t == "O" else "O") for w, t in s] for s in sents]
 
 
 def write_conll(path: Path, sents: list[list[tuple[str, str]]]) -> Path:
@@ -143,7 +183,7 @@ def make_tiny_model(folder: Path) -> Path:
     return folder
 
 
-# ------------------------------------------------------------------ reading what ranks computed
+# ------------------------------------------------------------------ reading what a run did
 
 
 def load_tensors(folder: Path) -> dict:
@@ -154,6 +194,12 @@ def load_tensors(folder: Path) -> dict:
         tensors.update(load_file(f))
     assert tensors, f"no safetensors weights in {folder}"
     return tensors
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
@@ -168,8 +214,23 @@ def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
 
 
 def debug_events(folder: Path, rank: int) -> list[dict]:
+    """The JSON lines HVDFT_DEBUG_DIR=folder made rank `rank` write."""
     path = Path(folder) / f"rank{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def metrics_records(out: Path) -> list[dict]:
+    """metrics.jsonl of an output folder, one dict per line."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(out: Path) -> list[dict]:
+    """The training lines of metrics.jsonl (not the evaluations)."""
+    return [r for r in metrics_records(out) if "loss" in r and not any(k.startswith("eval_") for k in r)]
+
+
+def eval_records(out: Path) -> list[dict]:
+    return [r for r in metrics_records(out) if any(k.startswith("eval_") for k in r)]
 
 
 def finished_model_files(output_dir: Path) -> list[str]:
@@ -182,3 +243,9 @@ def finished_model_files(output_dir: Path) -> list[str]:
 
 def one_line_errors(text: str) -> list[str]:
     return [line for line in text.splitlines() if "hvdft: error:" in line]
+
+
+def rank_lines(output: str, rank: int) -> list[str]:
+    """horovodrun's output lines of one rank, without the `[rank]<stdxxx>:` prefix."""
+    pattern = re.compile(rf"^\[{rank}\]<std(?:out|err)>:(.*)$")
+    return [m.group(1) for m in map(pattern.match, output.splitlines()) if m]
