@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import HVDFT, horovodrun, mpirun, run
+from support import HVDFT, horovodrun, job_env, mpirun, run
 
 from hvdft import __version__
 
@@ -62,3 +62,22 @@ def test_doctor_under_horovodrun_gloo() -> None:
 @pytest.mark.slow
 def test_doctor_under_mpirun() -> None:
     _check_two_ranks(run([*mpirun(), HVDFT, "doctor", "--json"], timeout=180).stdout, "mpi")
+
+
+def test_doctor_exits_1_when_horovod_does_not_import(tmp_path) -> None:
+    """The commonest broken install: Horovod's torch extension built against another
+    torch fails to import (undefined symbol). A `horovod` package placed first on
+    PYTHONPATH whose `horovod.torch` raises ImportError stands in for that build; the
+    real Horovod stays installed, so the version check still passes."""
+    fake = tmp_path / "site" / "horovod" / "torch"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10 (built against another torch)')\n")
+    env = job_env(PYTHONPATH=str(tmp_path / "site"))
+    result = run([HVDFT, "doctor"], timeout=120, check=False, env=env)
+    assert result.returncode == 1, result.describe()
+    assert "PROBLEM: horovod.torch does not import: undefined symbol" in result.stdout, result.stdout
+    assert "all checks passed" not in result.stdout and "Traceback" not in result.output
+    report = _doctor_json(run([HVDFT, "doctor", "--json"], timeout=120, check=False, env=env).stdout)
+    assert report["problems"] == ["horovod.torch does not import: undefined symbol: _ZN3c10 (built against "
+                                  "another torch)"]
