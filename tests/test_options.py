@@ -111,8 +111,9 @@ def cases(f: dict[str, Path]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def batch(files: dict[str, Path]) -> dict[str, dict]:
-    """Every case in one 2-rank mpirun job; name -> rank 0's record (exit, stdout, stderr)."""
+def batch(files: dict[str, Path]) -> dict[str, list[dict]]:
+    """Every case in one 2-rank mpirun job; name -> [rank 0's record, rank 1's] (exit
+    status, stdout, stderr). A case that fails fails only the tests that read it."""
     spec = cases(files)
     (files["tmp"] / "spec.json").write_text(json.dumps(spec))
     script = str(Path(__file__).parent / "scripts" / "train_many.py")
@@ -121,10 +122,14 @@ def batch(files: dict[str, Path]) -> dict[str, dict]:
     assert result.returncode == 0, result.describe()
     ranks = [{c["name"]: c for c in json.loads((files["tmp"] / "results" / f"rank{r}.json").read_text())}
              for r in (0, 1)]
-    for name in ranks[0]:
-        for r in (0, 1):
-            assert ranks[r][name]["code"] == 0, f"{name} on rank {r}:\n{ranks[r][name]['stderr'][-4000:]}"
-    return ranks[0]
+    return {name: [ranks[0][name], ranks[1][name]] for name in ranks[0]}
+
+
+def done(batch: dict, name: str) -> dict:
+    """Rank 0's record of a case that every rank finished with exit status 0."""
+    for r, record in enumerate(batch[name]):
+        assert record["code"] == 0, f"{name} on rank {r}:\n{record['stderr'][-4000:]}"
+    return batch[name][0]
 
 
 def results(f: dict[str, Path], name: str) -> dict:
@@ -132,7 +137,7 @@ def results(f: dict[str, Path], name: str) -> dict:
 
 
 def header(batch: dict, name: str) -> str:
-    return batch[name]["stdout"]
+    return done(batch, name)["stdout"]
 
 
 # ----------------------------------------------------------------------------- learning rate
@@ -144,6 +149,7 @@ def header(batch: dict, name: str) -> str:
 def test_learning_rate_as_given_unless_scaled(files: dict[str, Path], batch: dict, name: str, factor: float,
                                               said: str) -> None:
     effective = LR * factor
+    done(batch, name)
     assert results(files, name)["learning_rate"] == pytest.approx(effective, rel=1e-12)
     assert results(files, name)["global_batch_size"] == 8
     text = header(batch, name)
@@ -154,6 +160,7 @@ def test_learning_rate_as_given_unless_scaled(files: dict[str, Path], batch: dic
 def test_the_rate_reaches_the_optimizer(files: dict[str, Path], batch: dict) -> None:
     """Adam's first step moves a weight by lr x g / (|g| + eps): by the rate itself,
     for any weight with a gradient well above eps. The linear run's moves by twice it."""
+    done(batch, "scale_none"), done(batch, "scale_linear")
     start = load_tensors(files["model"])
     none, linear = load_tensors(out(files, "scale_none")), load_tensors(out(files, "scale_linear"))
     key = "bert.encoder.layer.0.attention.self.query.weight"
@@ -166,6 +173,7 @@ def test_the_rate_reaches_the_optimizer(files: dict[str, Path], batch: dict) -> 
 
 
 def test_yaml_config_values_are_converted_and_the_command_line_wins(files: dict[str, Path], batch: dict) -> None:
+    done(batch, "config_yaml")
     r = results(files, "config_yaml")
     assert r["learning_rate"] == 5e-5 and isinstance(r["learning_rate"], float)  # "5e-5", a string to YAML
     assert r["per_rank_batch_size"] == 2 and r["global_batch_size"] == 4  # '2', quoted
@@ -176,6 +184,7 @@ def test_yaml_config_values_are_converted_and_the_command_line_wins(files: dict[
 
 
 def test_toml_config_values_are_converted(files: dict[str, Path], batch: dict) -> None:
+    done(batch, "config_toml")
     r = results(files, "config_toml")
     assert r["learning_rate"] == 2e-5 and r["per_rank_batch_size"] == 2 and r["train_steps"] == 1
     run = json.loads((out(files, "config_toml") / "hvdft_run.json").read_text())["config"]
@@ -187,6 +196,7 @@ def test_toml_config_values_are_converted(files: dict[str, Path], batch: dict) -
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_and_says_so(files: dict[str, Path], batch: dict, precision: str) -> None:
+    done(batch, precision), done(batch, "fp32")
     r = results(files, precision)
     assert r["precision"] == precision and r["train_steps"] == STEPS_PER_EPOCH
     assert f"precision {precision}" in header(batch, precision)
@@ -214,6 +224,7 @@ def test_mixed_precision_trains_and_says_so(files: dict[str, Path], batch: dict,
 
 
 def test_adasum_trains_and_the_ranks_agree(files: dict[str, Path], batch: dict) -> None:
+    done(batch, "adasum")
     r = results(files, "adasum")
     assert r["train_steps"] == STEPS_PER_EPOCH and r["learning_rate"] == LR
     assert "allreduce adasum" in header(batch, "adasum")
@@ -229,11 +240,13 @@ def test_adasum_trains_and_the_ranks_agree(files: dict[str, Path], batch: dict) 
 
 
 def test_eval_every_n_steps_and_per_epoch(files: dict[str, Path], batch: dict) -> None:
+    done(batch, "eval_every"), done(batch, "eval_per_epoch")
     assert [r["step"] for r in eval_records(out(files, "eval_every"))] == [2, 4, 6]
     assert [r["step"] for r in eval_records(out(files, "eval_per_epoch"))] == [3, 6]
 
 
 def test_best_model_is_the_best_evaluation_and_equals_its_checkpoint(files: dict[str, Path], batch: dict) -> None:
+    done(batch, "best")
     folder = out(files, "best")
     f1 = {r["step"]: r["eval_f1"] for r in eval_records(folder)}
     assert sorted(f1) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
@@ -249,14 +262,14 @@ def test_best_model_is_the_best_evaluation_and_equals_its_checkpoint(files: dict
 
 def test_early_stopping_after_patience_evaluations_without_gain(files: dict[str, Path], batch: dict) -> None:
     folder = out(files, "early_stop")
+    stopped = done(batch, "early_stop")
     f1 = {r["step"]: r["eval_f1"] for r in eval_records(folder)}
     best = max(f1, key=lambda s: (f1[s], -s))
     assert sorted(f1) == list(range(1, best + 3)), f"patience 2: stops 2 evaluations after the best: {f1}"
     r = results(files, "early_stop")
     assert r["stopped_early"] is True and r["train_steps"] == best + 2 < 3 * STEPS_PER_EPOCH
     assert r["best_eval_metric"] == f1[best] and r["eval_f1"] == f1[best]
-    assert re.search(r"early stopping: no f1 gain in 2 evaluations", batch["early_stop"]["stdout"]
-                     + batch["early_stop"]["stderr"])
+    assert re.search(r"early stopping: no f1 gain in 2 evaluations", stopped["stdout"] + stopped["stderr"])
 
 
 # ----------------------------------------------------------------------------- batches, decay
@@ -264,6 +277,7 @@ def test_early_stopping_after_patience_evaluations_without_gain(files: dict[str,
 
 def test_pad_to_multiple_of(files: dict[str, Path], batch: dict) -> None:
     def widths(name: str) -> list[int]:
+        done(batch, name)
         steps = [e for e in debug_events(files["tmp"] / f"{name}_debug", 0) if e["event"] == "step"]
         return [shape[1] for e in steps for shape in e["shapes"]]
 
@@ -278,6 +292,7 @@ def test_weight_decay_skips_biases_and_layer_norm(files: dict[str, Path], batch:
     """After one step from the same weights with the same gradients, decoupled decay is
     all that differs: p(decay) = p(no decay) - lr x wd x p0 for decayed tensors, and
     nothing for biases and LayerNorm weights."""
+    done(batch, "decay_0"), done(batch, "decay_half")
     start = load_tensors(files["model"])
     plain, decayed = load_tensors(out(files, "decay_0")), load_tensors(out(files, "decay_half"))
     lr_wd = 1e-2 * 0.5
