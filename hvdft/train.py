@@ -150,9 +150,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if dist.is_main() else None
     running_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
     running_count = 0
-    if cfg.resume and dist.is_main():  # the loss summed since the last log line before the checkpoint
-        running_loss += state["progress"].get("log_sums", [0.0, 0])[0]
-        running_count = int(state["progress"].get("log_sums", [0.0, 0])[1])
+    if cfg.resume:  # the loss summed since the last log line before the checkpoint
+        loss_sum, running_count = _my_log_sums(state["progress"].get("log_sums", []), rank, world)
+        running_loss += loss_sum
     tokens = 0  # real (non-padding) tokens this rank trained on
     train_time = 0.0
     last_log, last_log_tokens = time.perf_counter(), 0.0
@@ -485,7 +485,9 @@ def _checkpoint(output_dir: Path, cfg: TrainConfig, model: Any, tokenizer: Any, 
     if not dist.is_main():
         return
     rng = [g[0] for g in gathered]
-    log_sums = (sum(g[1][0] for g in gathered), sum(g[1][1] for g in gathered))
+    # Per rank, as each rank summed it (float32 on its device): a resumed rank continues
+    # its own sum, so the next log line is the uninterrupted run's to the last bit.
+    per_rank = [[float(g[1][0]), int(g[1][1])] for g in gathered]
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -495,11 +497,24 @@ def _checkpoint(output_dir: Path, cfg: TrainConfig, model: Any, tokenizer: Any, 
         # torch.load(weights_only=True) refuses, so --resume would fail.
         "progress": _plain({"step": step, "epoch": position[0], "batch_in_epoch": position[1],
                             "best_metric": best_metric, "bad_evals": bad_evals, "history": history,
-                            "log_sums": list(log_sums)}),
+                            "log_sums": per_rank}),
     }
     root = output_dir / "checkpoints"
     save_checkpoint(root / f"checkpoint-{step}", _unwrap(model), tokenizer, state, run)
     prune(root, cfg.save_total_limit)
+
+
+def _my_log_sums(saved: list, rank: int, world: int) -> tuple[float, int]:
+    """This rank's (loss sum, target count) not yet logged when the checkpoint was written.
+    Saved per rank; on another number of ranks (an end-of-epoch checkpoint) rank 0 takes
+    the total. An older checkpoint holds the total alone ([sum, count])."""
+    if saved and not isinstance(saved[0], list):
+        saved = [saved]
+    if len(saved) == world:
+        return float(saved[rank][0]), int(saved[rank][1])
+    if rank == 0:
+        return sum(float(s[0]) for s in saved), sum(int(s[1]) for s in saved)
+    return 0.0, 0
 
 
 def _plain(obj: Any) -> Any:
