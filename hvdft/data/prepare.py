@@ -84,11 +84,15 @@ def read_splits(task: Task, cfg: TrainConfig, splits: tuple[str, ...]) -> dict[s
 
     dist.agree(read_all)
     train = result.get("train")
-    if train is not None and train.total < world:
-        raise HvdftError(
-            f"{train.total} training sentence(s) for {world} ranks: every rank needs at least one",
-            train.source,
-        )
+
+    def enough_for_every_rank() -> None:
+        if train is not None and train.total < world:
+            raise HvdftError(
+                f"{train.total} training sentence(s) for {world} ranks: every rank needs at least one",
+                train.source,
+            )
+
+    dist.agree(enough_for_every_rank)  # every rank finds it: agreed, the job says it once
     return result
 
 
