@@ -80,8 +80,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     f["yaml_bad_value"].write_text("# learning rate\nepochs: 1\nlr: fast\n")
     f["yaml_unknown"] = tmp / "unknown.yaml"
     f["yaml_unknown"].write_text("epochs: 1\nlearning-rate: 1e-4\n")
-    f["yaml_zero"] = tmp / "zero.yaml"
-    f["yaml_zero"].write_text("batch-size: 0\n")
+    f["yaml_warmup"] = tmp / "warmup.yaml"  # an option the command line does not give: the file's applies
+    f["yaml_warmup"].write_text("warmup-ratio: 1.5\n")
     f["yaml_choice"] = tmp / "choice.yaml"
     f["yaml_choice"].write_text("precision: fp8\n")
     f["toml_broken"] = tmp / "broken.toml"
@@ -141,8 +141,8 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], str | None]]:
          re.escape(f"{f['yaml_bad_value']}:3: Invalid value for '--lr': 'fast' is not a valid float")),
         ("config_unknown_key", base(f, "o20") + ["--config", str(f["yaml_unknown"])],
          re.escape(f"{f['yaml_unknown']}:2: unknown option 'learning_rate'")),
-        ("config_invalid_number", base(f, "o21") + ["--config", str(f["yaml_zero"])],
-         r"--batch-size must be at least 1, got 0"),
+        ("config_invalid_number", base(f, "o21") + ["--config", str(f["yaml_warmup"])],
+         r"--warmup-ratio must be below 1, got 1.5"),
         ("config_bad_choice", base(f, "o22") + ["--config", str(f["yaml_choice"])],
          re.escape(f"{f['yaml_choice']}:1: Invalid value for '--precision': 'fp8' is not one of")),
         ("config_broken_toml", base(f, "o23") + ["--config", str(f["toml_broken"])],
