@@ -169,8 +169,8 @@ CASE_NAMES = [
     "missing_file", "empty_file", "no_tag_column_rank1", "bad_tag_rank1", "fewer_sentences_than_ranks",
     "max_train_samples_1", "batch_size_0", "batch_size_negative", "epochs_negative", "lr_negative",
     "save_every_negative", "max_grad_norm_negative", "max_length_over_limit", "max_length_tiny", "model_missing",
-    "model_folder_empty", "output_not_writable", "resume_nothing", "resume_other_model", "resume_other_labels",
-    "fresh_run_over_checkpoints", "scale_lr_with_adasum", "config_bad_value", "config_unknown_key",
+    "model_folder_empty", "output_not_writable", "resume_nothing", "fresh_run_over_checkpoints",
+    "resume_other_model", "resume_other_labels", "scale_lr_with_adasum", "config_bad_value", "config_unknown_key",
     "config_invalid_number", "config_bad_choice", "config_broken_toml", "config_missing",
 ]
 
