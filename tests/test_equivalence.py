@@ -59,10 +59,11 @@ FP32_REL, FP32_ELEMENT = 1e-3, LR / 2
 # --fp16-allreduce rounds each gradient to 11 significant bits and flushes those under
 # 6e-8 to zero (measured: 4.1% for the worst tensor, 0.7% over all weights).
 FP16_REL, FP16_GLOBAL = 0.10, 0.02
-# Per step, the loss and the gradient norm of two runs that must be equivalent (fp32:
-# the same sums in another order; measured: 2e-7 and 1e-6 relative): 1e-3 relative,
-# 500 times below what a factor of 2 does. fp16 on the wire: 2% (measured: 0.1%).
-STEP_REL, STEP_REL_FP16 = 1e-3, 2e-2
+# Per step, the loss and the gradient norm of two runs that must be equivalent: the
+# same sums in another order (measured, relative: 2 ranks 4e-7 loss and 9e-7 norm;
+# accumulation 2e-6 and 4e-6; fp16 on the wire 2e-6 and 1e-5). Tolerance 1e-3: 250
+# times the worst of those, 500 times below the 0.5 or 1.0 that a factor of 2 makes.
+STEP_REL = 1e-3
 
 
 def compare(ref: dict, other: dict, start: dict) -> tuple[float, float, float, str]:
@@ -155,20 +156,19 @@ def steps(out: Path) -> dict[int, tuple[float, float]]:
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in train_records(out)}
 
 
-@pytest.mark.parametrize(("name", "tolerance"), [("two_fp32", STEP_REL), ("one_accum", STEP_REL),
-                                                  ("two_fp16", STEP_REL_FP16)])
-def test_loss_and_gradient_norm_equal_the_big_batch_step_by_step(runs: dict[str, Path], name: str,
-                                                                  tolerance: float) -> None:
+@pytest.mark.parametrize("name", ["two_fp32", "one_accum", "two_fp16"])
+def test_loss_and_gradient_norm_equal_the_big_batch_step_by_step(runs: dict[str, Path], name: str) -> None:
     """What the weights cannot show: the gradient has the big batch's scale at every step."""
     ref, got = steps(runs["one_2b"]), steps(runs[name])
     assert sorted(ref) == sorted(got) == list(range(1, K + 1))
     for step in ref:
         (ref_loss, ref_norm), (loss, norm) = ref[step], got[step]
         assert ref_norm > 0 and ref_loss > 0
-        assert abs(norm - ref_norm) <= tolerance * ref_norm, f"step {step}: gradient norm {norm} vs {ref_norm}"
-        assert abs(loss - ref_loss) <= tolerance * ref_loss, f"step {step}: loss {loss} vs {ref_loss}"
-    # clipping at 1.0 is active: the weights alone could not have shown the scale
-    assert max(norm for _, norm in ref.values()) > 1.0
+        assert abs(norm - ref_norm) <= STEP_REL * ref_norm, f"step {step}: gradient norm {norm} vs {ref_norm}"
+        assert abs(loss - ref_loss) <= STEP_REL * ref_loss, f"step {step}: loss {loss} vs {ref_loss}"
+    # clipping at 1.0 is active (measured norms 3.5 to 3.8): the weights alone could not
+    # have shown the scale
+    assert min(norm for _, norm in ref.values()) > 1.0
 
 
 def test_gradient_accumulation_equals_the_big_batch(weights: dict[str, dict]) -> None:
