@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from support import HVDFT, horovodrun, job_env, mpirun, run
@@ -73,7 +74,7 @@ def test_doctor_exits_1_when_horovod_does_not_import(tmp_path) -> None:
     fake.mkdir(parents=True)
     (fake.parent / "__init__.py").write_text("")
     (fake / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10 (built against another torch)')\n")
-    env = job_env(PYTHONPATH=str(tmp_path / "site"))
+    env = job_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]))
     result = run([HVDFT, "doctor"], timeout=120, check=False, env=env)
     assert result.returncode == 1, result.describe()
     assert "PROBLEM: horovod.torch does not import: undefined symbol" in result.stdout, result.stdout
