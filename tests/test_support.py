@@ -21,8 +21,11 @@ def test_a_timeout_kills_the_launcher_and_its_ranks(tmp_path: Path) -> None:
     while not (pids.exists() and len(pids.read_text().split()) == 2):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    start = time.monotonic()
     with pytest.raises(AssertionError, match="did not finish within 1s"):
         job.wait(1)
+    # at once: a rank left running would also hold the output pipes open for 300 s
+    assert time.monotonic() - start < 30
     ranks = [int(p) for p in pids.read_text().split()]
     time.sleep(0.5)
     alive = [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
