@@ -152,6 +152,23 @@ def sentences(n: int, seed: int = 0) -> list[list[tuple[str, str]]]:
     return out
 
 
+WORDS = ["the", "film", "movie", "plot", "acting", "was", "is", "really", "quite", "and", "but", "a", "story"]
+POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "delightful", "brilliant", "moving"]
+NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "boring", "bad", "dull", "painful"]
+
+
+def toy_rows(n: int, seed: int) -> list[tuple[str, int]]:
+    """A learnable toy sentiment set: the label is which word list the adjective comes from."""
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = (i + seed) % 2
+        adj = r.choice(POSITIVE if label else NEGATIVE)
+        rows.append((f"the {r.choice(['film', 'movie', 'plot', 'cast'])} was {r.choice(['', 'really ', 'quite '])}"
+                     f"{adj} , {r.choice(WORDS)} {adj}", label))
+    return rows
+
+
 def fillers_as_entities(sents: list[list[tuple[str, str]]]) -> list[list[tuple[str, str]]]:
     """The same sentences with every filler word a PER entity and the names O: a model
     scores while its predictions are still near random, then less and less the better it
