@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HVDFT = str(BIN / "hvdft")
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# HVDFT_SHARED_DATA: for a checkout elsewhere than beside ../shared
+SHARED_DATA = Path(os.environ.get("HVDFT_SHARED_DATA") or ROOT.parent / "shared" / "data")
 AS_ROOT = ["--allow-run-as-root"] if os.geteuid() == 0 else []
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from support import HVDFT, horovodrun, metrics_records, mpirun, run, sentences, train_records, write_conll
 
+from hvdft.data.files import Shard
 from hvdft.data.prepare import BUNDLED_DATASETS
 from hvdft.tasks.ner import NerTask
 
@@ -21,7 +22,7 @@ TRAIN_ARGS = ["--model", "minilm", "--dataset", "wnut17", "--max-train-samples",
 
 
 def _first_sentences(path: Path, n: int):
-    split = NerTask().read(str(path), "test", 0, 1, {})
+    split = NerTask().read(str(path), "test", Shard())
     return split.examples[:n]
 
 
