@@ -2,8 +2,8 @@
 
     python train_many.py SPEC.json RESULT_DIR        (under horovodrun/mpirun, or alone)
 
-SPEC.json: [{"name": ..., "task": "ner" (default) | "classify", "args": [...words after
-`hvdft train TASK`...], "env": {...}}].
+SPEC.json: [{"name": ..., "task": "ner" (the default) or another registered task, "args":
+[...words after `hvdft train TASK`...], "env": {...}}].
 
 Each case is what `hvdft train TASK ARGS` does, minus the process start and exit: the
 real option parsing (click), `hvdft.cli._run_training`, and what ended it printed by
@@ -45,8 +45,7 @@ def main() -> int:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 task = case.get("task", "ner")
-                command = {"ner": cli.train_ner, "classify": cli.train_classify}[task]
-                ctx = command.make_context(task, list(case["args"]))
+                ctx = cli.train.commands[task].make_context(task, list(case["args"]))
                 cli._run_training(ctx, task, ctx.params)
                 code = 0
             except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - as the CLI would
