@@ -16,7 +16,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from support import BIN, ROOT, Job, job_env, load_tensors, make_tiny_model, max_abs_diff, sentences, write_conll
+from support import (
+    BIN,
+    ROOT,
+    Job,
+    job_env,
+    load_tensors,
+    make_tiny_model,
+    max_abs_diff,
+    run_job,
+    sentences,
+    write_conll,
+)
 
 from hvdft import hosts as hostlib
 from hvdft import launch as launch_mod
@@ -440,14 +451,9 @@ REAL_RUNS = {"--gloo": "localhost.horovod", "--mpi": "localhost.mpi"}
 def test_doctor_on_two_ranks(controller: str, tmp_path: Path) -> None:
     # No skip: Horovod and `hvdft doctor` are part of every install; without them this fails.
     hostfile = ROOT / "hostfiles" / REAL_RUNS[controller]
-    result = subprocess.run(
-        [*HVDFT, "launch", controller, "--hostfile", str(hostfile), "--", "doctor"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    out = result.stdout + result.stderr
+    result = run_job([*HVDFT, "launch", controller, "--hostfile", str(hostfile), "--", "doctor"], timeout=300,
+                     cwd=tmp_path)
+    out = result.output
     assert result.returncode == 0, out
     assert out.startswith(PREFIX) and str(hostfile) in out.splitlines()[0]
     for rank in (0, 1):
