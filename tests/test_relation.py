@@ -299,9 +299,9 @@ def test_marker_tokens_land_on_the_entities(tokenizer):
 
     tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     task = RelationTask()
-    task.prepare_tokenizer(tok)
+    task.prepare(None, tok, 128)  # the markers need only the tokenizer
     before = len(tok)
-    task.prepare_tokenizer(tok)  # idempotent: a trained model's tokenizer has them already
+    task.prepare(None, tok, 128)  # idempotent: a trained model's tokenizer has them already
     assert len(tok) == before == len(tokenizer) + 4
     examples = [
         {"text": "The system has an arrayed configuration of antenna elements.", "e1": [26, 39], "e2": [51, 59],
@@ -602,7 +602,7 @@ def test_model_with_markers_loads_in_a_pipeline(tmp_path):
     source = make_tiny_model(tmp_path / "tiny")
     task = RelationTask()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    task.prepare_tokenizer(tokenizer)
+    task.prepare(None, tokenizer, 128)  # the markers need only the tokenizer
     labels = ["Other", "Product-Producer(e2,e1)"]
     config = AutoConfig.from_pretrained(source, num_labels=2, id2label=dict(enumerate(labels)),
                                         label2id={label: i for i, label in enumerate(labels)})

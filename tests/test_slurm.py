@@ -144,6 +144,7 @@ def test_srun_starter_command_line(slurm: dict) -> None:
     assert again.returncode == 0, again.describe()
     first, second = log.read_text().splitlines()
     expected = (f"srun --mpi=pmix --kill-on-bad-exit=1 hvdft train ner --model minilm --dataset wnut17 "
-                f"--output-dir {out} --save-every 500")
-    assert first == f"{expected} --epochs 2"  # nothing to resume from: no --resume
-    assert second == f"{expected} --resume --epochs 2"
+                f"--output-dir {out} --save-every 500 --resume auto")
+    # the same line with or without a checkpoint: --resume auto lets hvdft decide (a fresh
+    # start when there is none: test_engine_parts.py::test_resume_auto_starts_afresh_without_a_checkpoint)
+    assert first == second == f"{expected} --epochs 2"
