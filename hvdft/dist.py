@@ -332,13 +332,17 @@ def wrap_optimizer(
     selects Horovod's Adasum; `fp16_allreduce` halves the bytes on the wire.
     """
     hvd = _require()
-    return hvd.DistributedOptimizer(
+    wrapped = hvd.DistributedOptimizer(
         optimizer,
         named_parameters=list(named_parameters),
         compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
         backward_passes_per_step=backward_passes_per_step,
         op={"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}[op],
     )
+    # On more than one rank Adasum is another optimizer class, whose step() reduces the
+    # updates and whose skip_synchronize() raises (on one rank Horovod uses the plain one).
+    wrapped.hvdft_adasum = op == "adasum" and hvd.size() > 1
+    return wrapped
 
 
 def optimizer_step(
@@ -365,7 +369,7 @@ def optimizer_step(
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(optimizer, "skip_synchronize"):
+    if hasattr(optimizer, "skip_synchronize") and not getattr(optimizer, "hvdft_adasum", False):
         with optimizer.skip_synchronize():
             scaler.step(optimizer)
     else:
