@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import SHARED_DATA, write
 
 from hvdft.data.files import Shard
 from hvdft.errors import HvdftError
@@ -40,6 +39,7 @@ from hvdft.tasks.relation import (
     window,
     write_answer_file,
 )
+from support import SHARED_DATA, write
 
 # SHARED_DATA honours HVDFT_SHARED_DATA (a worktree whose parent holds no shared/ folder).
 RELEASE = SHARED_DATA / "semeval2010_task8" / "SemEval2010_task8_all_data"
@@ -299,7 +299,7 @@ def test_marker_tokens_land_on_the_entities(tokenizer):
 
     tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     task = RelationTask()
-    task.prepare(None, tok, 128)  # the markers need only the tokenizer
+    task.prepare(None, tok, 128)
     before = len(tok)
     task.prepare(None, tok, 128)  # idempotent: a trained model's tokenizer has them already
     assert len(tok) == before == len(tokenizer) + 4
@@ -596,13 +596,14 @@ def test_model_with_markers_loads_in_a_pipeline(tmp_path):
     """build_model resizes the embeddings to the marker tokenizer; the saved folder loads in
     transformers.pipeline('text-classification') and classifies SemEval markup."""
     import torch
-    from support import make_tiny_model
     from transformers import AutoConfig, AutoTokenizer, pipeline
+
+    from support import make_tiny_model
 
     source = make_tiny_model(tmp_path / "tiny")
     task = RelationTask()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    task.prepare(None, tokenizer, 128)  # the markers need only the tokenizer
+    task.prepare(None, tokenizer, 128)
     labels = ["Other", "Product-Producer(e2,e1)"]
     config = AutoConfig.from_pretrained(source, num_labels=2, id2label=dict(enumerate(labels)),
                                         label2id={label: i for i, label in enumerate(labels)})
@@ -647,7 +648,8 @@ def test_plain_reference_loop_runs_and_matches_the_scorer(tmp_path):
     """benchmarks/plain_re.py on a small slice (tiny random model): it trains, and its
     official number is the Perl scorer's on the answer file it writes."""
     need_scorer()
-    from support import ROOT, make_tiny_model, run
+    from support import ROOT, run
+    from support import make_tiny_model
 
     model = make_tiny_model(tmp_path / "tiny")
     out = tmp_path / "plain.json"
