@@ -264,6 +264,11 @@ def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:
         cfg.validate()
     except HvdftError as exc:
         exc.agreed = True  # every rank checks the same options alike: the job says it once
+        if dist.launch_size() > 1 and not dist.elastic():
+            # Every rank found it: they exit together, each with status 2, rather than the
+            # first one's exit making the launcher kill the others mid-import.
+            dist.init()
+            dist.barrier()
         raise
     dist.init(timeline=cfg.horovod_timeline)
     setup_logging()

@@ -107,6 +107,16 @@ def launched_by_mpi() -> bool:
     return any(k in os.environ for k in _MPI_RANK_VARS)
 
 
+def launch_size() -> int:
+    """How many ranks horovodrun or mpirun started, readable before Horovod starts; 1 when
+    no launcher says (a single process, srun without --mpi)."""
+    for key in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 def launch_rank() -> int:
     """This process's rank as its launcher numbered it, readable before Horovod starts
     (horovodrun, mpirun, srun); 0 when started alone. Used to print an error found before
