@@ -39,6 +39,7 @@ def init(threads_per_rank: int | None = None) -> None:
 
         hvd.init(comm=MPI.COMM_WORLD)
     else:
+        _refuse_crashing_gloo()
         hvd.init()
     _hvd = hvd
     if threads_per_rank is None and "OMP_NUM_THREADS" not in os.environ:
@@ -48,6 +49,16 @@ def init(threads_per_rank: int | None = None) -> None:
         torch.set_num_threads(threads_per_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+
+
+def _refuse_crashing_gloo() -> None:
+    """One line on every rank instead of a segfault in hvd.init() (hvdft.gloo_host)."""
+    if os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):  # horovodrun --gloo started us
+        from hvdft.gloo_host import ADVICE, gloo_crash_reason
+
+        reason = gloo_crash_reason()
+        if reason is not None:
+            raise HvdftError(f"{reason}; {ADVICE}")
 
 
 def _launched_by_mpi() -> bool:

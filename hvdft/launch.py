@@ -16,6 +16,7 @@ import importlib.util
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ from types import FrameType
 import click
 
 from hvdft.errors import EXIT_USER_ERROR, HvdftError
+from hvdft.gloo_host import ADVICE as GLOO_ADVICE
+from hvdft.gloo_host import gloo_crash_reason
 
 Hosts = list[tuple[str, int]]
 
@@ -461,6 +464,24 @@ def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str]) -> int:
     return 128 - code if code < 0 else code
 
 
+def gloo_or_mpi(explicit: bool) -> str:
+    """'gloo', or 'mpi' when this host's Gloo ranks would crash and MPI can stand in.
+
+    Horovod 0.28.1 as released segfaults on a host whose name does not resolve (a
+    container with --network none; hvdft.gloo_host says why). An explicit --gloo, or a
+    Horovod without MPI, is refused with one line instead of switched.
+    """
+    reason = gloo_crash_reason()
+    if reason is None:
+        return "gloo"
+    from hvdft.dist import build_info
+
+    if explicit or not (build_info()["mpi"] and shutil.which("mpirun")):
+        raise HvdftError(f"{reason}; {GLOO_ADVICE}")
+    click.echo(f"{PREFIX} {reason}: using mpirun (--mpi) instead")
+    return "mpi"
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -612,6 +633,7 @@ def _launch(
         )
 
     slurm = in_slurm(environ) and not (hostfile or hosts_text)
+    explicit_controller, auto_launcher = controller is not None, launcher == "auto"
     controller = controller or ("mpi" if slurm or launcher == "mpirun" else "gloo")
     if launcher == "auto":
         launcher = "mpirun" if controller == "mpi" else "horovodrun"
@@ -631,6 +653,12 @@ def _launch(
         hosts = slurm_hosts(environ)
         if np is None and environ.get("SLURM_NTASKS"):
             np = int(environ["SLURM_NTASKS"])
+
+    here = _LOCAL_NAMES | {socket.gethostname()}
+    if controller == "gloo" and (hosts is None or any(name in here for name, _ in hosts)):
+        controller = gloo_or_mpi(explicit_controller)
+        if controller == "mpi" and auto_launcher:
+            launcher = "mpirun"
 
     extra_values = _split_env(env_entries, environ)
     program = list(args) if exec_ else [*hvdft_program(), *args]
