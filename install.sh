@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # install.sh — everything hvdft needs, idempotent and safe to rerun:
 #   OpenMPI, compilers, python3-venv/-dev (Debian packages, when root) -> .venv -> torch
-#   -> Horovod 0.28.1 built against that torch with C++17 and two Gloo fixes (cached
+#   -> Horovod 0.28.1 built against that torch with C++17/20 and two Gloo fixes (cached
 #   wheel) -> hvdft (editable) -> check-build.
 #
 #   ./install.sh              CPU install: torch from PyTorch's CPU index (+ the offline demo model)
@@ -212,7 +212,7 @@ fi
 if [ -z "$CUDA" ] && [ -n "$TORCH_CUDA" ]; then
   warn "torch $TORCH_FULL is a CUDA $TORCH_CUDA build (it runs on CPUs too, but its NVIDIA libraries take GBs); see the CPU index note above."
 fi
-say "torch $TORCH_FULL${TORCH_CUDA:+ (CUDA $TORCH_CUDA)}${TORCH_CUDA:- (CPU build)}"
+if [ -n "$TORCH_CUDA" ]; then say "torch $TORCH_FULL (CUDA $TORCH_CUDA)"; else say "torch $TORCH_FULL (CPU build)"; fi
 
 # --- 4. Horovod ------------------------------------------------------------------------
 # The build is keyed by everything its binary depends on; a match reuses the wheel.
@@ -224,11 +224,12 @@ MARKER="$VENV/.hvdft-horovod-key"
 # The CUDA toolkit's root, from the compiler driver itself (nvcc on PATH is often a
 # wrapper script or a symlink farm, so its own location says nothing).
 cuda_root() {
-  local nvcc top
+  local nvcc bin
   nvcc=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
   [ -x "$nvcc" ] || return 1
-  top=$(cd "${TMPDIR:-/tmp}" && "$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
-  [ -n "$top" ] && [ -x "$top/nvcc" ] && (cd "$top/.." && pwd)
+  # nvcc prints its own bin folder as _HERE_ in a dry run.
+  bin=$(cd "${TMPDIR:-/tmp}" && "$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)
+  [ -n "$bin" ] && [ -x "$bin/nvcc" ] && (cd "$bin/.." && pwd)
 }
 
 # Two bugs make every Gloo rank crash (SIGSEGV) on a host whose name does not resolve,
@@ -266,17 +267,22 @@ else
   if ls "$CACHE"/horovod-*.whl >/dev/null 2>&1; then
     say "reusing cached Horovod wheel: $(ls "$CACHE"/horovod-*.whl)"
   else
-    say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (C++17 forced, Gloo fixes; minutes) ..."
+    say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (C++ standard forced, Gloo fixes; minutes) ..."
     BUILD=$(mktemp -d)
     trap 'rm -rf "$BUILD"' EXIT
-    # Horovod 0.28.1's CMake asks for -std=c++14; PyTorch >= 2.1 headers need C++17.
-    # GCC honours the last -std flag, so a wrapper that appends it wins.
-    cat > "$BUILD/cxx17" <<'WRAP'
-#!/bin/sh
-exec g++ "$@" -std=c++17 -include cstdint -include string -include stdexcept -include limits -include memory
-WRAP
-    chmod +x "$BUILD/cxx17"
-    export CXX="$BUILD/cxx17"
+    # Horovod 0.28.1's CMake asks for -std=c++14; PyTorch >= 2.1 headers need C++17 and
+    # >= 2.14 C++20 (ATen.h refuses anything older, and says so). GCC honours the last
+    # -std flag, so a wrapper that appends it wins; the -include flags put back headers
+    # newer toolchains no longer pull in transitively.
+    CXX_STD=c++17
+    if grep -q "C++20 or later" "$("$PY" -c "import os, torch; print(os.path.dirname(torch.__file__))")/include/ATen/ATen.h" 2>/dev/null; then
+      CXX_STD=c++20
+    fi
+    printf '#!/bin/sh\nexec g++ "$@" -std=%s -include cstdint -include string -include stdexcept -include limits -include memory\n' \
+      "$CXX_STD" > "$BUILD/cxxstd"
+    chmod +x "$BUILD/cxxstd"
+    export CXX="$BUILD/cxxstd"
+    say "compiling as $CXX_STD (what torch $TORCH_VERSION's headers need)"
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
     export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
     export CMAKE_POLICY_VERSION_MINIMUM=3.5 MAKEFLAGS=-j$JOBS
@@ -304,6 +310,11 @@ exec "$REAL_NVCC" "$@"
 WRAP
       chmod +x "$BUILD/cuda/bin/nvcc"
       export CUDAToolkit_ROOT="$BUILD/cuda" CUDACXX="$BUILD/cuda/bin/nvcc" HOROVOD_CUDA_HOME="$BUILD/cuda"
+      # nvcc's host compiler: plain g++. The CXX wrapper's -include flags would land on
+      # nvcc's already-preprocessed host files and redeclare everything in them; nvcc
+      # hands the host compiler the -std=c++17 its own wrapper sets.
+      CUDAHOSTCXX=$(command -v g++)
+      export CUDAHOSTCXX
       export PATH="$BUILD/cuda/bin:$PATH"
       export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_HOME="$BUILD/nccl"
       if [ -z "${HOROVOD_BUILD_CUDA_CC_LIST:-}" ]; then
@@ -331,7 +342,8 @@ WRAP
     if ! "${PIP[@]}" wheel -q --no-build-isolation --no-deps \
          -w "$BUILD/wheels" "$BUILD/horovod-$HOROVOD_VERSION" >> "$BUILD/build.log" 2>&1; then
       tail -40 "$BUILD/build.log" >&2
-      die "Horovod build failed (full log above, last 40 lines)."
+      cp "$BUILD/build.log" "${TMPDIR:-/tmp}/hvdft-horovod-build.log"
+      die "Horovod build failed (last 40 lines above; the whole log: ${TMPDIR:-/tmp}/hvdft-horovod-build.log)."
     fi
     mkdir -p "$CACHE"
     mv "$BUILD"/wheels/horovod-*.whl "$CACHE/"
