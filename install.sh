@@ -370,8 +370,10 @@ else
   say "installing hvdft$([ "$DEV" = 1 ] && echo ' [dev]')"
   # The constraint keeps pip from trading the torch chosen above for another build
   # while it resolves hvdft's requirements.
+  # The distribution's own version: PyPI's CUDA wheels are '2.14.1' while torch.__version__
+  # says '2.14.1+cu130', which '==' would not match.
   CONSTRAINT="$VENV/.hvdft-torch-constraint.txt"
-  echo "torch==$TORCH_FULL" > "$CONSTRAINT"
+  echo "torch==$("$PY" -c "import importlib.metadata as m; print(m.version('torch'))")" > "$CONSTRAINT"
   if [ "$DEV" = 1 ]; then
     "${PIP[@]}" install -q -c "$CONSTRAINT" -e "$ROOT[dev]"
   else
