@@ -217,7 +217,8 @@ if [ -n "$TORCH_CUDA" ]; then say "torch $TORCH_FULL (CUDA $TORCH_CUDA)"; else s
 # --- 4. Horovod ------------------------------------------------------------------------
 # The build is keyed by everything its binary depends on; a match reuses the wheel.
 MPI_TAG=$(mpirun --version 2>/dev/null | head -1 | tr -cs 'A-Za-z0-9.' '-' | sed 's/-$//')
-KEY="horovod-$HOROVOD_VERSION-$HOROVOD_PATCH_LEVEL-torch$TORCH_VERSION-$PY_TAG-${TORCH_CUDA:+cuda$TORCH_CUDA}${TORCH_CUDA:-cpu}-$MPI_TAG"
+if [ -n "$TORCH_CUDA" ]; then BUILD_KIND="cuda$TORCH_CUDA"; else BUILD_KIND=cpu; fi
+KEY="horovod-$HOROVOD_VERSION-$HOROVOD_PATCH_LEVEL-torch$TORCH_VERSION-$PY_TAG-$BUILD_KIND-$MPI_TAG"
 CACHE="$WHEELHOUSE/$KEY"
 MARKER="$VENV/.hvdft-horovod-key"
 
