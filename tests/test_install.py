@@ -41,9 +41,12 @@ def test_rerun_is_idempotent_and_reuses_horovod() -> None:
 
 
 def show_torch(*args: str, **env: str) -> tuple[int, str, str]:
-    """`install.sh --show-torch ARGS`: where torch would come from; installs nothing."""
+    """`install.sh --show-torch ARGS`: where torch would come from; installs nothing. The
+    pin and the CPU index are install.sh's defaults unless given (a caller's HVDFT_TORCH,
+    such as benchmarks/cuda_build.sh's, does not leak in)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("HVDFT_TORCH", "HVDFT_TORCH_INDEX")}
     proc = subprocess.run(["bash", str(INSTALL), "--show-torch", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env})
+                          timeout=120, env={**base, **env})
     return proc.returncode, proc.stdout, proc.stderr
 
 
