@@ -21,19 +21,33 @@ the crash where another Horovod build is installed. Standard library only.
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import socket
+from pathlib import Path
 
 # The install.sh patch that makes the host name irrelevant to a Gloo job.
 _FIX = "gloo-process-set-iface"
 
 
 def horovod_has_gloo_fix() -> bool:
-    """True when the installed Horovod was built by install.sh with the Gloo fixes."""
+    """True when the installed Horovod was built by install.sh with the Gloo fixes.
+
+    install.sh appends `hvdft_patches = (...)` to horovod/__init__.py; that file is read,
+    not imported (Horovod is imported in hvdft.dist alone, and the launcher stays light).
+    """
     try:
-        import horovod
-    except ImportError:
+        spec = importlib.util.find_spec("horovod")
+    except (ImportError, ValueError):
         return False
-    return _FIX in getattr(horovod, "hvdft_patches", ())
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        text = Path(spec.origin).read_text()
+    except OSError:
+        return False
+    marker = re.search(r"^hvdft_patches = \((.*)\)$", text, re.M)
+    return marker is not None and repr(_FIX) in marker.group(1)
 
 
 def hostname_problem(hostname: str | None = None) -> str | None:
