@@ -49,6 +49,7 @@ def init(threads_per_rank: int | None = None, timeline: str | None = None) -> No
 
         hvd.init(comm=MPI.COMM_WORLD)
     else:
+        _refuse_crashing_gloo()
         hvd.init()
     # Before _hvd is set: the error counts as found before Horovod started, and the
     # launcher's numbering (SLURM_PROCID) decides which task prints it.
@@ -63,6 +64,16 @@ def init(threads_per_rank: int | None = None, timeline: str | None = None) -> No
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
     if timeline:
         start_timeline(timeline)
+
+
+def _refuse_crashing_gloo() -> None:
+    """One line on every rank instead of a segfault in hvd.init() (hvdft.gloo_host)."""
+    if os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):  # horovodrun --gloo started us
+        from hvdft.gloo_host import ADVICE, gloo_crash_reason
+
+        reason = gloo_crash_reason()
+        if reason is not None:
+            raise HvdftError(f"{reason}; {ADVICE}")
 
 
 _timeline: str | None = None  # the file the timeline is being recorded into
