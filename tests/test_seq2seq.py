@@ -24,6 +24,7 @@ from hvdft.tasks.seq2seq import (
     apply_generation,
     decode_generated,
     featurize_pairs,
+    generation_values,
     plan_model,
     token_loss_sum,
     training_generation,
@@ -428,8 +429,10 @@ def test_warm_start_model_and_saved_folder(tmp_path: Path, tok) -> None:
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == "encoder-decoder" and saved["hvdft_seq2seq"]["source_prefix"] == "fr: "
     gen = json.loads((out / "generation_config.json").read_text())
-    assert (gen["num_beams"], gen["max_new_tokens"], gen["decoder_start_token_id"], gen["eos_token_id"]) == (
-        2, 7, 101, 102)
+    assert (gen["num_beams"], gen["max_length"], gen["decoder_start_token_id"], gen["eos_token_id"]) == (
+        2, 8, 101, 102)  # 7 new tokens after the decoder start token
+    assert "generation: num_beams=2 max_new_tokens=7 length_penalty=1.0 no_repeat_ngram_size=0" in (
+        t.generation_header(model))
     # hvdft predict: the stored settings are the defaults, the same generation is used
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(out)
     tok2 = AutoTokenizer.from_pretrained(out)
@@ -446,7 +449,8 @@ def test_warm_start_model_and_saved_folder(tmp_path: Path, tok) -> None:
     override = task(num_beams=1)
     override.configure(reloaded.config, tok2, 64)
     override.predictions([], None, b, reloaded)
-    assert reloaded.generation_config.num_beams == 1 and reloaded.generation_config.max_new_tokens == 7
+    assert generation_values(reloaded.generation_config) == {"num_beams": 1, "max_new_tokens": 7,
+                                                             "length_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
 def test_output_folder_loads_for_generation(tmp_path: Path, tok) -> None:
@@ -634,3 +638,28 @@ def test_score_counts_generations_cut_at_max_new_tokens() -> None:
                                           [("the cat sat on the mat", False), ("x y", True)])
     assert metrics["cut_generations"] == 1.0 and "without eos: 1 of 2" in report
     assert 0 < metrics["bleu"] <= 100 and metrics["rouge1"] == pytest.approx(50.0)
+
+
+@pytest.mark.slow
+def test_generations_gathered_from_two_ranks_equal_one_process(tmp_path: Path, tok) -> None:
+    """Real Horovod: each rank generates its strided shard in its own batches; rank 0's gathered
+    list equals a 1-process run, in input order, with outputs of different lengths."""
+    from conftest import HOROVODRUN, ROOT, run
+
+    t, model = configured("warm-start", tmp_path, tok, std=0.3, num_beams=2, max_new_tokens=8)
+    model = model.double().eval()
+    f = features_of(t, tok, SOURCES, [None] * len(SOURCES))
+    model.generation_config.eos_token_id = _eos_with_mixed_lengths(model, tok, f)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    sources = SOURCES + [s + " " + s for s in SOURCES[:5]]  # 13 pairs: shards of 7 and 6
+    data = write(tmp_path, "test.txt", "".join(f"{s}\tx\n" for s in sources))
+    script = str(ROOT / "tests" / "scripts" / "seq2seq_gather.py")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    run([sys.executable, script, str(tmp_path / "model"), str(data), str(one)], timeout=300)
+    run([*HOROVODRUN, sys.executable, script, str(tmp_path / "model"), str(data), str(two)], timeout=300)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world"], b["world"]) == (1, 2)
+    assert b["ids"] == list(range(13)) and b["sources"] == sources
+    assert b["hypotheses"] == a["hypotheses"]
+    assert len({len(text.split()) for text, _ in b["hypotheses"]}) > 1, "outputs of different lengths"

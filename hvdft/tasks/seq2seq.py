@@ -549,19 +549,32 @@ def apply_generation(model: Any, settings: dict[str, Any], plan: ModelPlan | Non
 
     That object is saved with the model (generation_config.json) and is what `generate()`,
     in-training evaluation, the final test and `hvdft predict` all read: one set of settings.
-    Returns the effective values of GENERATION_KEYS.
+    max_new_tokens is stored as max_length = max_new_tokens + 1 (an encoder-decoder's output
+    starts with the decoder start token, which max_length counts): transformers 4.x pipelines
+    replace a model's max_new_tokens by their own default (256) but honour its max_length
+    (unless it is 20, generate's global default: --max-new-tokens 19 is the one value they
+    would not follow). Returns the effective values of GENERATION_KEYS.
     """
     gc = model.generation_config
     for key, value in settings.items():
-        if value is not None:
+        if key == "max_new_tokens" and value is not None:
+            gc.max_new_tokens, gc.max_length = None, value + 1
+        elif value is not None:
             setattr(gc, key, value)
     if plan is not None:
         for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
             if getattr(gc, key, None) is None and getattr(plan, key) is not None:
                 setattr(gc, key, getattr(plan, key))
-    if gc.max_new_tokens is not None:
-        gc.max_length = None  # a checkpoint's max_length (Marian: 512) would otherwise be reported as well
-    return {k: getattr(gc, k, None) for k in GENERATION_KEYS}
+    return generation_values(gc)
+
+
+def generation_values(gc: Any) -> dict[str, Any]:
+    """num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size of a GenerationConfig
+    (max_new_tokens read back from max_length; unset values as generate() takes them)."""
+    new = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - 1
+    return {"num_beams": gc.num_beams or 1, "max_new_tokens": new,
+            "length_penalty": gc.length_penalty if gc.length_penalty is not None else 1.0,
+            "no_repeat_ngram_size": gc.no_repeat_ngram_size or 0}
 
 
 def training_generation(options: Seq2seqOptions, max_target_length: int) -> dict[str, Any]:
@@ -923,12 +936,14 @@ class Seq2seqTask(Task):
         stored = dict(self.settings)
         stored["max_source_length"] = self.max_source_length
         model.config.hvdft_seq2seq = stored
+        if self.settings["source_prefix"]:
+            model.config.prefix = self.settings["source_prefix"]  # what transformers 4.x pipelines put before inputs
         return model
 
     def generation_header(self, model: Any) -> str:
-        gc = getattr(model, "module", model).generation_config
-        values = " ".join(f"{k}={getattr(gc, k, None)}" for k in GENERATION_KEYS)
-        return f"generation: {values} (generation_config.json: evaluation, test and hvdft predict use these)"
+        values = generation_values(getattr(model, "module", model).generation_config)
+        text = " ".join(f"{k}={v}" for k, v in values.items())
+        return f"generation: {text} (generation_config.json: evaluation, test and hvdft predict use these)"
 
     def cache_key(self) -> str:
         """What featurize's output depends on besides the examples and tokenizer (for the engine's cache)."""
