@@ -305,6 +305,11 @@ def test_truncation_is_counted(tok) -> None:
     # targets: the decoder start token ([CLS]) is not a label, eos ([SEP]) is, also after a cut
     assert [tok.convert_ids_to_tokens(x) for x in f["labels"]] == [["un", "deux", "[SEP]"], ["un", "[SEP]"],
                                                                    ["x", "y", "[SEP]"]]
+    # a prefix stays in front of a left-cut dialogue context
+    prefixed = featurize_pairs({"source": ["a b c d e f g h i j k l"], "target": [None], "example": [0],
+                                "left_truncate": [True]}, tok, 8, 8, "reply: ")
+    assert tok.convert_ids_to_tokens(prefixed["input_ids"][0]) == ["[CLS]", "reply", ":", "i", "j", "k", "l", "[SEP]"]
+    assert prefixed["source_truncated"] == [1]
     exact = featurize_pairs({"source": ["a"], "target": ["x y"], "example": [0]}, tok, 3, 3, "", tok.cls_token_id)
     assert (exact["source_truncated"], exact["target_truncated"]) == ([0], [0])  # at the limit: not cut
     assert f["length"] == [len(a) + len(b) for a, b in zip(f["input_ids"], f["labels"], strict=True)]

@@ -635,6 +635,15 @@ def featurize_pairs(
     sources = [source_prefix + s for s in batch["source"]]
     left = [bool(x) for x in batch.get("left_truncate") or [False] * len(sources)]
     input_ids, source_cut = encode(tokenizer, sources, max_source_length, left=left)
+    lost = [i for i in range(len(sources)) if left[i] and source_cut[i] and source_prefix]
+    if lost:  # a left cut took the prefix with the oldest turns: keep the prefix, cut the context
+        prefix_ids = tokenizer(source_prefix, add_special_tokens=False)["input_ids"]
+        mask = tokenizer("a", return_special_tokens_mask=True)["special_tokens_mask"]
+        lead = mask.index(0)  # special tokens before the text ([CLS]; none for T5)
+        kept, _ = encode(tokenizer, [batch["source"][i] for i in lost], max_source_length - len(prefix_ids),
+                         left=[True] * len(lost))
+        for i, row in zip(lost, kept, strict=True):
+            input_ids[i] = row[:lead] + prefix_ids + row[lead:]
     targets = batch.get("target") or [None] * len(sources)
     have = [i for i, t in enumerate(targets) if t is not None]
     labels: list[list[int]] = [[] for _ in sources]
@@ -959,7 +968,7 @@ class Seq2seqTask(Task):
         """See featurize_pairs; `max_length` (the engine's) is the source limit unless --max-source-length."""
         if self.plan is None:
             raise RuntimeError("Seq2seqTask.configure(config, tokenizer) must run before featurize")
-        return featurize_pairs(batch, tokenizer, self.settings["max_source_length"] or max_length,
+        return featurize_pairs(batch, tokenizer, self.max_source_length or max_length,
                                self.settings["max_target_length"], self.settings["source_prefix"],
                                self._drop_first())
 
