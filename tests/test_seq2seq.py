@@ -668,3 +668,21 @@ def test_generations_gathered_from_two_ranks_equal_one_process(tmp_path: Path, t
     assert b["ids"] == list(range(13)) and b["sources"] == sources
     assert b["hypotheses"] == a["hypotheses"]
     assert len({len(text.split()) for text, _ in b["hypotheses"]}) > 1, "outputs of different lengths"
+
+
+def test_multilingual_language_codes() -> None:
+    """mBART-50 / NLLB tokenizers get their src_lang/tgt_lang codes (as run_translation.py sets them);
+    the offline machine has no such tokenizer, so a stand-in with their attributes is used."""
+    from hvdft.tasks.seq2seq import set_language_codes
+
+    class MBart50TokenizerFast:
+        all_special_tokens = ["<s>", "</s>", "<pad>", "en_XX", "fr_XX", "fa_IR", "zh_CN"]
+        src_lang = tgt_lang = None
+
+    tok = MBart50TokenizerFast()
+    assert set_language_codes(tok, "fr", "en_XX") == ("fr_XX", "en_XX") and (tok.src_lang, tok.tgt_lang) == (
+        "fr_XX", "en_XX")
+    assert "--target-lang 'f' is not one of the tokenizer's language codes" in error_of(
+        set_language_codes, tok, "fr", "f")
+    assert "needs --source-lang (one of: en_XX, fa_IR, fr_XX, zh_CN)" in error_of(set_language_codes, tok, None, "en")
+    assert set_language_codes(object(), "fr", "en") == (None, None)  # other tokenizers: nothing to set
