@@ -686,3 +686,33 @@ def test_multilingual_language_codes() -> None:
         set_language_codes, tok, "fr", "f")
     assert "needs --source-lang (one of: en_XX, fa_IR, fr_XX, zh_CN)" in error_of(set_language_codes, tok, None, "en")
     assert set_language_codes(object(), "fr", "en") == (None, None)  # other tokenizers: nothing to set
+
+
+def test_plain_reference_loop_runs(tmp_path: Path) -> None:
+    """benchmarks/plain_seq2seq.py: a leak-free split, then 2 steps and scoring on a tiny model."""
+    from conftest import ROOT
+
+    script = str(ROOT / "benchmarks" / "plain_seq2seq.py")
+    lines = [f"{en}\t{fr}" for en, fr in PAIRS] + [f"{en} {i}\t{fr} {i}" for i, (en, fr) in enumerate(PAIRS)]
+    lines.append(f"{PAIRS[0][0]}\tAllez !")  # shares its English side with another pair
+    data = write(tmp_path, "eng-fra.txt", "\n".join(lines) + "\n")
+    subprocess.run([sys.executable, script, "split", "--input", str(data), "--out", str(tmp_path / "s"), "--test", "4",
+                    "--seed", "1"], check=True, capture_output=True, text=True, timeout=120)
+    train = (tmp_path / "s" / "train.txt").read_text().splitlines()
+    test = (tmp_path / "s" / "test.txt").read_text().splitlines()
+    assert len(test) == 4 and set(train) | set(test) <= set(lines)
+    held = {cell for line in test for cell in line.split("\t")}
+    assert not {cell for line in train for cell in line.split("\t")} & held, "no held-out sentence in training"
+    model = tiny_bert(tmp_path / "bert")
+    results, predictions = tmp_path / "r.json", tmp_path / "p.tsv"
+    subprocess.run([sys.executable, script, "train", "--model", str(model), "--train-file", str(tmp_path / "s" /
+                    "train.txt"), "--test-file", str(tmp_path / "s" / "test.txt"), "--batch-size", "4", "--steps", "2",
+                    "--max-target-length", "16", "--max-new-tokens", "4", "--num-beams", "2", "--log-every", "1",
+                    "--results", str(results), "--predictions", str(predictions)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    r = json.loads(results.read_text())
+    assert (r["steps"], r["test_pairs"], r["generation"]["num_beams"]) == (2, 4, 2)
+    assert 0 <= r["bleu"] <= 100 and r["bleu_signature"].startswith("nrefs:1|case:lc")
+    rows = predictions.read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "source\treference\thypothesis" and [r.split("\t")[:2] for r in rows[1:]] == [
+        line.split("\t")[::-1] for line in test]
