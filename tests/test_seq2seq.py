@@ -418,7 +418,8 @@ def test_plan_model(tok) -> None:
 def test_warm_start_model_and_saved_folder(tmp_path: Path, tok) -> None:
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    t, model = configured("warm-start", tmp_path, tok, num_beams=2, max_new_tokens=7, source_prefix="fr: ")
+    t, model = configured("warm-start", tmp_path, tok, num_beams=2, max_new_tokens=7, source_prefix="fr: ",
+                          context_turns=2, turn_separator=" // ")
     assert t.plan.kind == "warm-start"
     assert type(model).__name__ == "EncoderDecoderModel"
     dec = model.config.decoder
@@ -436,8 +437,10 @@ def test_warm_start_model_and_saved_folder(tmp_path: Path, tok) -> None:
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["num_beams"], gen["max_length"], gen["decoder_start_token_id"], gen["eos_token_id"]) == (
         2, 8, 101, 102)  # 7 new tokens after the decoder start token
-    assert "generation: num_beams=2 max_new_tokens=7 length_penalty=1.0 no_repeat_ngram_size=0" in (
-        t.generation_header(model))
+    header = t.header_lines(model)
+    assert header[0].startswith("model: encoder-decoder warm-started from the encoder-only checkpoint")
+    assert "decoder start [CLS]=101, eos [SEP]=102, pad [PAD]=0" in header[0]
+    assert header[-1].startswith("generation: num_beams=2 max_new_tokens=7 length_penalty=1.0 no_repeat_ngram_size=0")
     # hvdft predict: the stored settings are the defaults, the same generation is used
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(out)
     tok2 = AutoTokenizer.from_pretrained(out)
@@ -445,6 +448,9 @@ def test_warm_start_model_and_saved_folder(tmp_path: Path, tok) -> None:
     lines = p.configure(AutoConfig.from_pretrained(out), tok2, 64)
     assert p.settings["source_prefix"] == "fr: " and p.plan.kind == "seq2seq" and p.plan.decoder_start_token_id == 101
     assert any("case-insensitive (the tokenizer lowercases)" in line for line in lines)
+    dialogues = write(tmp_path, "dd.jsonl", "".join(json.dumps(d) + "\n" for d in DIALOGS))
+    assert p.read_unlabelled(str(dialogues), Shard(0, 1)).examples[0]["source"] == (
+        "Fine , thanks . And you ? // Great .")  # the trained context window and separator
     f = features_of(p, tok2, SOURCES[:3], [None] * 3)
     assert tok2.decode(f["input_ids"][0]).startswith("[CLS] fr : le chat")
     b = batch_of(f, [0, 1, 2])

@@ -815,8 +815,12 @@ def unescape(cell: str) -> str:
 class Seq2seqTask(Task):
     """Translation, summarization and dialogue responses on AutoModelForSeq2SeqLM / EncoderDecoderModel.
 
-    Call order the engine must keep: read*/read_hub (any time) -> configure(config, tokenizer)
-    -> featurize -> build_model (training) -> loss / predictions -> score / writers.
+    Call order the engine must keep: configure(config, tokenizer) -> read / read_hub /
+    read_unlabelled -> featurize -> build_model (training) -> loss / predictions -> score /
+    writers. configure comes first because a trained model's stored settings (context window,
+    turn separator, source prefix, length limits) decide how `hvdft predict` builds its inputs;
+    in training they are the options and hvdft's defaults, so reading first changes nothing
+    unless the checkpoint is itself an hvdft seq2seq output.
     """
 
     name: ClassVar[str] = "seq2seq"
@@ -842,6 +846,7 @@ class Seq2seqTask(Task):
         self.plan: ModelPlan | None = None
         self.max_source_length: int | None = None
         self.lowercase = bool(self.settings["lowercase_scores"])
+        self._model_path = "?"
 
     # ------------------------------------------------------------------ reading
     def _note_use(self, layout: Layout | None, split: str) -> None:
@@ -911,15 +916,25 @@ class Seq2seqTask(Task):
         if self.settings["lowercase_scores"] is None:
             self.settings["lowercase_scores"] = bool(getattr(tokenizer, "do_lower_case", False))
         self.lowercase = self.settings["lowercase_scores"]
-        lines = [self.plan.header(getattr(tokenizer, "name_or_path", "") or "?", tokenizer)]
-        if self.plan.model_type in ("t5", "mt5") and not self.settings["source_prefix"]:
-            lines.append("note: T5 checkpoints were pretrained with task prefixes; consider --source-prefix")
+        self._model_path = getattr(tokenizer, "name_or_path", "") or "?"
+        return self.header_lines()
+
+    def header_lines(self, model: Any = None) -> list[str]:
+        """The run header's seq2seq lines: the model plan, scoring settings, the use and default
+        metric (once the training split is read) and, given the model, its generation settings."""
+        lines = []
+        if self.plan is not None:
+            lines.append(self.plan.header(self._model_path, self.tokenizer))
+            if self.plan.model_type in ("t5", "mt5") and not self.settings["source_prefix"]:
+                lines.append("note: T5 checkpoints were pretrained with task prefixes; consider --source-prefix")
         case = "case-insensitive" if self.lowercase else "case-sensitive"
         why = " (the tokenizer lowercases)" if self.lowercase and self.options.lowercase_scores is None else ""
         lines.append(f"scores: BLEU/chrF {case}{why}, BLEU tokenizer {self.settings['bleu_tokenize']}; "
                      f"ROUGE use_stemmer={self.settings['rouge_stemmer']}")
         if self.use is not None:
             lines.append(f"use: {self.use}: best model by {self.default_metric} unless --metric says otherwise")
+        if model is not None:
+            lines.append(self.generation_header(model))
         return lines
 
     def build_model(self, path: str, config: Any, tokenizer: Any, **load_kwargs: Any) -> Any:
@@ -950,9 +965,18 @@ class Seq2seqTask(Task):
         return model
 
     def generation_header(self, model: Any) -> str:
+        """The generation settings in force (explicit options applied first, as predictions() does)."""
+        self._apply_overrides(model)
         values = generation_values(getattr(model, "module", model).generation_config)
         text = " ".join(f"{k}={v}" for k, v in values.items())
         return f"generation: {text} (generation_config.json: evaluation, test and hvdft predict use these)"
+
+    def _apply_overrides(self, model: Any) -> None:
+        """Generation options given on this command line replace the model's stored ones (hvdft
+        predict); in training they are already in the model (build_model), so this changes nothing."""
+        given = {k: getattr(self.options, k) for k in GENERATION_KEYS if getattr(self.options, k) is not None}
+        if given:
+            apply_generation(getattr(model, "module", model), given)
 
     def cache_key(self) -> str:
         """What featurize's output depends on besides the examples and tokenizer (for the engine's cache)."""
@@ -989,9 +1013,7 @@ class Seq2seqTask(Task):
         """(text, cut) per row, generated with the model's generation_config (see apply_generation)."""
         if self.tokenizer is None:
             raise RuntimeError("Seq2seqTask.configure(config, tokenizer) must run before predictions")
-        given = {k: getattr(self.options, k) for k in GENERATION_KEYS if getattr(self.options, k) is not None}
-        if given:  # hvdft predict with explicit settings: they replace the stored ones (said in the header)
-            apply_generation(getattr(model, "module", model), given)
+        self._apply_overrides(model)
         return generate(model, self.tokenizer, batch.inputs["input_ids"], batch.inputs["attention_mask"])
 
     def merge(self, example: dict[str, Any], pieces: list[Any], id2label: dict[int, str]) -> tuple[str, bool]:
