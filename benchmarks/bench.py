@@ -269,6 +269,7 @@ def summarize(records: list[dict[str, Any]], warmup: int, steps: int) -> dict[st
 PROBE = r"""
 import json, sys, time
 from hvdft import dist
+from hvdft.data.files import Shard
 from hvdft.data.prepare import tokenize
 from hvdft.tasks import get_task
 from transformers import AutoConfig, AutoTokenizer
@@ -276,14 +277,14 @@ dist.init()
 train_file, model, cache = sys.argv[1:4]
 task = get_task("ner")
 t = time.perf_counter()
-split = task.read(train_file, "train", 0, 1, {"encoding": "utf-8"})
+split = task.read(train_file, "train", Shard())
 read_s = time.perf_counter() - t
 labels = task.sort_labels(task.labels(split))
 tok = AutoTokenizer.from_pretrained(model, use_fast=True)
 cfg = AutoConfig.from_pretrained(model)
 max_length = min(cfg.max_position_embeddings, tok.model_max_length or 10**6)
 t = time.perf_counter()
-features = tokenize(task, split, tok, {l: i for i, l in enumerate(labels)}, max_length, False, cache)
+features = tokenize(task, split, tok, {l: i for i, l in enumerate(labels)}, max_length, cache)
 tok_s = time.perf_counter() - t
 print("PROBE " + json.dumps({"read_s": read_s, "tokenize_s": tok_s, "sentences": len(split.examples),
                              "rows": len(features["input_ids"]), "tokens": sum(features["length"])}))

@@ -60,11 +60,11 @@ def _install() -> None:
 
     real_collate = train_mod.collate
 
-    def collate(features, rows, pad_id, multiple=0):
+    def collate(features, rows, *args, **kwargs):
         t = clock()
         if state["t_start"] is None:
             state["t_start"] = t  # the first step's t0 is a few microseconds before this
-        batch = real_collate(features, rows, pad_id, multiple)
+        batch = real_collate(features, rows, *args, **kwargs)
         cur["collate_s"] += clock() - t
         cur["tokens"] += batch.real_tokens
         cur["slots"] += int(batch.inputs["input_ids"].numel())

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hvdft.errors import HvdftError
@@ -90,9 +92,14 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_resume(spec: str, output_dir: Path) -> Path:
-    if spec == "latest":
+def resolve_resume(spec: str, output_dir: Path) -> Path | None:
+    """The checkpoint `--resume SPEC` names: 'latest' (the newest in output_dir, which must
+    exist), 'auto' (the newest if any, else None: start afresh; what `hvdft launch
+    --max-restarts` passes) or a checkpoint folder."""
+    if spec in ("latest", "auto"):
         found = list_checkpoints(output_dir / "checkpoints")
+        if not found and spec == "auto":
+            return None
         if not found:
             raise HvdftError("--resume: no checkpoint to resume from", output_dir / "checkpoints")
         return found[-1]
@@ -134,3 +141,37 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
             f"unexpected {sorted(unexpected)[:3]})",
             folder,
         )
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generator states (torch, CUDA, numpy, Python), as
+    tensors and plain values that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def plain(obj: Any) -> Any:
+    """numpy scalars -> Python numbers, through dicts and lists: metrics arrive as numpy
+    scalars, which torch.load(weights_only=True) refuses, so --resume would fail."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj

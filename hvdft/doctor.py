@@ -8,12 +8,6 @@ import platform
 from typing import Any
 
 
-def launched() -> bool:
-    """True under horovodrun, mpirun or srun (several ranks may exist)."""
-    keys = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_GLOO_RENDEZVOUS_ADDR")
-    return any(k in os.environ for k in keys)
-
-
 def versions() -> tuple[dict[str, str], list[str]]:
     """(name -> version or detail, problems)."""
     info: dict[str, str] = {"python": platform.python_version(), "platform": platform.platform()}
@@ -56,7 +50,9 @@ def mpi_library() -> str:
     try:
         import mpi4py
 
-        if not ("OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ or "PMIX_RANK" in os.environ):
+        from hvdft.dist import launched_by_mpi
+
+        if not launched_by_mpi():
             mpi4py.rc.initialize = False  # only MPI-launched processes initialise MPI
         from mpi4py import MPI
 

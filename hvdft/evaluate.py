@@ -13,6 +13,9 @@ from hvdft.data.files import Split
 from hvdft.data.prepare import collate
 from hvdft.tasks.base import Task
 
+# Feature columns that only the model reads; the rest describe a row for `Task.predictions`.
+_MODEL_ONLY = ("input_ids", "attention_mask", "token_type_ids")
+
 
 @dataclass
 class Evaluation:
@@ -23,72 +26,64 @@ class Evaluation:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on `device`, or nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.no_grad()
-def predict_shard(
-    task: Task,
-    model: torch.nn.Module,
-    split: Split,
-    features: dict[str, list],
-    id2label: dict[int, str],
-    batch_size: int,
-    pad_id: int,
-    precision: str = "fp32",
-) -> tuple[list[Any], torch.Tensor]:
-    """This rank's merged predictions (one per owned example) and [loss_sum, labelled]."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    pieces: list[list[Any]] = [[] for _ in split.examples]
-    totals = torch.zeros(2, dtype=torch.float64)
-    rows_by_length = sorted(range(len(features["input_ids"])), key=lambda r: features["length"][r])
-    keys = [k for k in features if k not in ("input_ids", "labels", "token_type_ids")]
-    for start in range(0, len(rows_by_length), batch_size):
-        rows = rows_by_length[start : start + batch_size]
-        batch = collate(features, rows, pad_id)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
-        with autocast(device, precision):
-            logits = model(**inputs).logits.float()
-        labels = batch.labels.to(device)
-        loss = torch.nn.functional.cross_entropy(
-            logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100, reduction="sum"
-        )
-        totals += torch.tensor([loss.item(), float((labels != -100).sum())], dtype=torch.float64)
-        row_dicts = [{k: features[k][r] for k in keys} for r in rows]
-        for row, pred in zip(row_dicts, task.predictions(row_dicts, logits), strict=True):
-            pieces[row["example"]].append(pred)
-    model.train(was_training)
-    merged = [task.merge(ex, p, id2label) for ex, p in zip(split.examples, pieces, strict=True)]
-    return merged, totals
+@dataclass
+class Evaluator:
+    """Predicts and scores with one model; built once per run, called once per split."""
 
+    task: Task
+    model: torch.nn.Module
+    id2label: dict[int, str]
+    batch_size: int  # per rank
+    pad_id: int
+    precision: str = "fp32"
 
-def evaluate(
-    task: Task,
-    model: torch.nn.Module,
-    split: Split,
-    features: dict[str, list],
-    id2label: dict[int, str],
-    batch_size: int,
-    pad_id: int,
-    precision: str = "fp32",
-) -> Evaluation:
-    """Collective: every rank must call it, with its own shard of the same split."""
-    merged, totals = predict_shard(task, model, split, features, id2label, batch_size, pad_id, precision)
-    totals = dist.allreduce(totals, op="sum", name=f"eval_loss.{split.name}")
-    local = [(gid, ex, pred) for gid, ex, pred in zip(split.ids, split.examples, merged, strict=True)]
-    gathered = dist.allgather_object(local)
-    result = Evaluation(metrics={})
-    if dist.is_main():
-        ordered = sorted((item for part in gathered for item in part), key=lambda item: item[0])
-        result.examples = [ex for _, ex, _ in ordered]
-        result.predictions = [pred for _, _, pred in ordered]
-        metrics, result.report = task.score(result.examples, result.predictions)
-        metrics["loss"] = float(totals[0] / max(totals[1], 1.0))
-        result.metrics = metrics
-    result.metrics = dist.broadcast_object(result.metrics)
-    return result
+    @torch.no_grad()
+    def predict_shard(self, split: Split, features: dict[str, list],
+                      with_loss: bool = True) -> tuple[list[Any], torch.Tensor]:
+        """This rank's merged predictions (one per owned example, in shard order) and
+        [loss sum, target count] (float64) over its rows."""
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        pieces: list[list[Any]] = [[] for _ in split.examples]
+        totals = torch.zeros(2, dtype=torch.float64)
+        by_length = sorted(range(len(features["input_ids"])), key=lambda r: features["length"][r])
+        keys = [k for k in features if k not in _MODEL_ONLY]
+        for start in range(0, len(by_length), self.batch_size):
+            rows = by_length[start : start + self.batch_size]
+            batch = collate(features, rows, self.pad_id, model_inputs=self.task.model_inputs,
+                            targets=self.task.targets).to(device)
+            with autocast(device, self.precision):
+                if with_loss:
+                    loss, outputs = self.task.loss(self.model, batch)
+                    totals += torch.tensor([float(loss), float(self.task.target_count(batch))], dtype=torch.float64)
+                else:
+                    outputs = self.model(**batch.inputs)
+            row_dicts = [{k: features[k][r] for k in keys} for r in rows]
+            for row, pred in zip(row_dicts, self.task.predictions(row_dicts, outputs, batch, self.model), strict=True):
+                pieces[row["example"]].append(pred)
+        self.model.train(was_training)
+        merged = [self.task.merge(ex, p, self.id2label) for ex, p in zip(split.examples, pieces, strict=True)]
+        return merged, totals
+
+    def __call__(self, split: Split, features: dict[str, list]) -> Evaluation:
+        """Collective: every rank calls it with its own shard of the same split."""
+        merged, totals = self.predict_shard(split, features)
+        totals = dist.allreduce(totals, op="sum", name=f"eval_loss.{split.name}")
+        ordered = dist.gather_in_order(split.ids, list(zip(split.examples, merged, strict=True)))
+        result = Evaluation(metrics={})
+        if ordered is not None:
+            result.examples = [ex for ex, _ in ordered]
+            result.predictions = [pred for _, pred in ordered]
+            metrics, result.report = self.task.score(result.examples, result.predictions)
+            metrics["loss"] = float(totals[0] / max(totals[1], 1.0))
+            result.metrics = metrics
+        result.metrics = dist.broadcast_object(result.metrics)
+        return result

@@ -4,21 +4,40 @@ applied to a finished model folder. Sharded over the ranks like training."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from hvdft import dist
+from hvdft.checkpoint import RUN_FILE
+from hvdft.data.files import Shard
 from hvdft.data.prepare import tokenize
 from hvdft.errors import HvdftError
-from hvdft.evaluate import evaluate, predict_shard
+from hvdft.evaluate import Evaluator
 from hvdft.models import resolve_model
-from hvdft.tasks import get_task, task_of_model
+from hvdft.tasks import task_class, task_of_model
+from hvdft.tasks.base import Task
 
 
-def _load_model(model_dir: str) -> tuple[Any, Any, Any, dict[int, str], int]:
+@dataclass
+class Loaded:
+    task: Task
+    model: Any
+    tokenizer: Any
+    evaluator: Evaluator
+    max_length: int
+
+
+def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_size: int, precision: str) -> Loaded:
+    """A model folder written by `hvdft train`, with its task built from the options it was
+    trained with (hvdft_run.json) and `overrides` (the command line's, where given).
+
+    Raises HvdftError on every rank for a folder that is not a fine-tuned model, or an
+    option the task does not have.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
-    def load() -> tuple[Any, Any, Any]:
+    def load() -> tuple[Task, Any, Any]:
         path = resolve_model(model_dir)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -29,7 +48,8 @@ def _load_model(model_dir: str) -> tuple[Any, Any, Any, dict[int, str], int]:
         has_head = getattr(config, "hvdft_task", None) or any(a.endswith(heads) for a in config.architectures or [])
         if not has_head:
             raise HvdftError("not a fine-tuned classification model (no task head in config.json)", model_dir)
-        task = get_task(task_of_model(config))
+        cls = task_class(task_of_model(config))
+        task = cls(_task_options(cls, Path(path), overrides), encoding)
         model = task.model_class().from_pretrained(path, config=config)
         return task, model, tokenizer
 
@@ -37,35 +57,50 @@ def _load_model(model_dir: str) -> tuple[Any, Any, Any, dict[int, str], int]:
     model.to(dist.device())
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     limit = min(getattr(model.config, "max_position_embeddings", 512) or 512, tokenizer.model_max_length or 512)
-    return task, model, tokenizer, id2label, limit
+    evaluator = Evaluator(task, model, id2label, batch_size, tokenizer.pad_token_id or 0, precision)
+    return Loaded(task, model, tokenizer, evaluator, limit)
+
+
+def _task_options(cls: type[Task], folder: Path, overrides: dict[str, Any]) -> Any:
+    """The task options saved with the model, then the given overrides."""
+    names = {f.name for f in fields(cls.Options)}
+    saved: dict[str, Any] = {}
+    if (folder / RUN_FILE).exists():
+        config = json.loads((folder / RUN_FILE).read_text()).get("config", {})
+        saved = {k: v for k, v in config.items() if k in names}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise HvdftError(f"--{key.replace('_', '-')} does not apply to a '{cls.name}' model")
+        saved[key] = value
+    return cls.Options(**saved)
 
 
 def predict_file(model_dir: str, input_file: str, output_file: str, batch_size: int, precision: str,
-                 text_column: str | None, text_pair_column: str | None, encoding: str) -> None:
-    task, model, tokenizer, id2label, max_length = _load_model(model_dir)
-    opts = {"text_column": text_column, "text_pair_column": text_pair_column, "encoding": encoding}
-    split = dist.agree(lambda: task.read_unlabelled(input_file, dist.rank(), dist.size(), opts))
-    label2id = {v: k for k, v in id2label.items()}
-    features = tokenize(task, split, tokenizer, label2id, max_length)
-    pad_id = tokenizer.pad_token_id or 0
-    merged, _ = predict_shard(task, model, split, features, id2label, batch_size, pad_id, precision)
-    gathered = dist.allgather_object(list(zip(split.ids, split.examples, merged, strict=True)))
-    if dist.is_main():
-        ordered = sorted((item for part in gathered for item in part), key=lambda item: item[0])
-        task.write_unlabelled_predictions(Path(output_file), [e for _, e, _ in ordered], [p for _, _, p in ordered])
+                 encoding: str, **overrides: Any) -> None:
+    """Predict every example of `input_file`; rank 0 writes them in input order."""
+    run = load_model(model_dir, overrides, encoding, batch_size, precision)
+    shard = Shard(dist.rank(), dist.size())
+    split = dist.agree(lambda: run.task.read_unlabelled(input_file, shard))
+    label2id = {v: k for k, v in run.evaluator.id2label.items()}
+    features = tokenize(run.task, split, run.tokenizer, label2id, run.max_length)
+    merged, _ = run.evaluator.predict_shard(split, features, with_loss=False)
+    ordered = dist.gather_in_order(split.ids, list(zip(split.examples, merged, strict=True)))
+    if ordered is not None:
+        run.task.write_unlabelled_predictions(Path(output_file), [e for e, _ in ordered], [p for _, p in ordered])
         print(f"{len(ordered)} predictions written to {output_file}", flush=True)
 
 
 def evaluate_file(model_dir: str, data_file: str, output_dir: str | None, batch_size: int, precision: str,
-                  text_column: str | None, text_pair_column: str | None, label_column: str | None,
-                  encoding: str) -> None:
-    task, model, tokenizer, id2label, max_length = _load_model(model_dir)
-    opts = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column,
-            "encoding": encoding}
-    split = dist.agree(lambda: task.read(data_file, "eval", dist.rank(), dist.size(), opts))
-    label2id = {v: k for k, v in id2label.items()}
-    features = tokenize(task, split, tokenizer, label2id, max_length)
-    result = evaluate(task, model, split, features, id2label, batch_size, tokenizer.pad_token_id or 0, precision)
+                  encoding: str, **overrides: Any) -> None:
+    """Score the model on labelled data; rank 0 prints (and writes) the report."""
+    run = load_model(model_dir, overrides, encoding, batch_size, precision)
+    shard = Shard(dist.rank(), dist.size())
+    split = dist.agree(lambda: run.task.read(data_file, "eval", shard))
+    label2id = {v: k for k, v in run.evaluator.id2label.items()}
+    features = tokenize(run.task, split, run.tokenizer, label2id, run.max_length)
+    result = run.evaluator(split, features)
     if dist.is_main():
         text = "\n".join(f"{k}: {v:.4f}" for k, v in result.metrics.items()) + "\n\n" + result.report
         print(text, flush=True)

@@ -1,283 +1,159 @@
-"""`hvdft launch`: start N ranks of hvdft with horovodrun or mpirun, on one box or many.
+"""`hvdft launch`: start N ranks of hvdft with horovodrun or mpirun, on one box or many,
+and say in one summary how the job ended; optionally restart it when it fails.
 
-The launcher only builds a command line; the ranks find each other through whatever
-started them (Gloo rendezvous for horovodrun, the MPI runtime for mpirun/srun), which is
-why `srun --mpi=pmix hvdft train ...` works without this command at all: `dist.init()`
-sees OMPI_COMM_WORLD_RANK / PMI_RANK / PMIX_RANK and uses MPI_COMM_WORLD.
+The ranks find each other through whatever started them (Gloo rendezvous for
+horovodrun, the MPI runtime for mpirun/srun), which is why `srun --mpi=pmix hvdft
+train ...` works without this command at all: `dist.init()` sees OMPI_COMM_WORLD_RANK /
+PMI_RANK / PMIX_RANK and uses MPI_COMM_WORLD.
 
-Everything that decides *what* to run is a pure function of its arguments
-(`build_command`, `parse_hosts`, `parse_hostfile`, `slurm_hosts`) so that it can be
-tested without starting anything.
+The pieces: the click command builds one `LaunchRequest`; `plan` turns it and the
+environment into a `Plan` (hosts from `hvdft.hosts`, the launcher's argv from
+`build_command`, a pure function tested with dry runs); `check_plan` refuses what the
+launcher would choke on before any rank starts; `run_plan` runs it with its output
+read by `hvdft.outcome`; `supervise` restarts a failed job from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import importlib.util
+import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import click
 
-from hvdft.errors import EXIT_USER_ERROR, HvdftError
-
-Hosts = list[tuple[str, int]]
+from hvdft import hosts as hostlib
+from hvdft.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, HvdftError
+from hvdft.hosts import HostList, Hosts, hosts_spec
+from hvdft.outcome import Outcome, Watch, conclude, pump
+from hvdft.testhooks import HOOK_VARIABLES
 
 PREFIX = "[hvdft launch]"
 
-# Seconds between SIGTERM and SIGKILL for MPI ranks (horovodrun's is fixed at 5 s).
-MPI_TERM_GRACE_S = 60
-
-# horovodrun rejects anything else in -H (its own regex), and mpirun would try to resolve
-# it; failing here names the entry instead of failing on some remote host later.
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_LOCAL_NAMES = {"localhost", "127.0.0.1"}
+# mpirun's odls_base_sigkill_timeout: when a job fails, Open MPI 4 sends the ranks left
+# SIGCONT, sleeps this long, SIGTERM, sleeps again, SIGKILL (odls_base_default_fns.c),
+# even when they have all exited: every failure costs twice this. The default 1 s
+# leaves no room for a rank to exit on its own; the checkpoint on SIGTERM does not
+# depend on it (hvdft launch signals the ranks itself, see _Forwarder).
+MPI_TERM_GRACE_S = 10
+# How long mpirun may go on after rank 0 announced an end every rank takes by itself.
+MPI_VERDICT_WAIT_S = 3.0
 
 # Variables whose absence on remote ranks breaks a run in confusing ways: the venv's
-# PATH, the libraries torch/NCCL load, Horovod/NCCL tuning, and offline HF settings.
+# PATH, the libraries torch/NCCL load, Horovod/NCCL tuning, offline HF settings, and
+# hvdft's own settings (HVDFT_CACHE, ...).
 _FORWARD_EXACT = {"PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "OMP_NUM_THREADS", "VIRTUAL_ENV"}
 _FORWARD_PREFIXES = ("HOROVOD_", "NCCL_", "HF_", "TRANSFORMERS_", "HVDFT_")
+# Test-only hooks the engine reads (fault injection, per-rank traces): a stray one in a
+# user's shell would kill or slow a real job, so they reach the ranks only when named
+# with --env.
+TEST_HOOKS = HOOK_VARIABLES
+
+RESTARTS_FILE = "restarts.jsonl"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_STATE_FILE = "trainer_state.pt"  # hvdft.checkpoint.STATE_FILE; not imported: it pulls in torch
 
 
-# ------------------------------------------------------------------ host lists
+@dataclass
+class LaunchRequest:
+    """What `hvdft launch` was asked to do, option by option (see the command's help)."""
+
+    args: Sequence[str] = ()
+    np: int | None = None
+    hostfile: str | None = None
+    hosts_text: str | None = None
+    controller: str | None = None
+    launcher: str = "auto"
+    network_interface: str | None = None
+    env_entries: Sequence[str] = ()
+    launcher_args: Sequence[str] = ()
+    exec_: bool = False
+    dry_run: bool = False
+    max_restarts: int = 0
+    min_np: int = 1
+    restart_backoff: float = 5.0
+    output_dir: str | None = None
 
 
-def _check_host(name: str, where: str, path: str | Path | None, line: int | None) -> None:
-    if not name or not _HOST_RE.match(name):
-        raise HvdftError(
-            f"{where}: '{name}' is not a host name or IPv4 address (letters, digits, '.', '-', '_')",
-            path,
-            line,
+@dataclass
+class Plan:
+    """One attempt: which launcher runs what, where, with which environment.
+
+    `hosts` is None for this machine alone; `hostfile` is set when the launcher reads
+    the user's file as it is. `env` is the launcher's whole environment, `shown_env`
+    the values printed before the command (what --env added for horovodrun).
+    `runner` is this venv's hvdft (empty for --exec), `args` the words after `--`.
+    """
+
+    launcher: str
+    controller: str
+    np: int | None
+    hosts: HostList | None
+    hostfile: str | None
+    runner: list[str]
+    args: list[str]
+    env: dict[str, str]
+    shown_env: dict[str, str]
+    extra_env: list[str]
+    network_interface: str | None
+    launcher_args: list[str]
+
+    @property
+    def program(self) -> list[str]:
+        """What every rank runs."""
+        return [*self.runner, *self.args]
+
+    def argv(self) -> list[str]:
+        """The launcher's command line."""
+        return build_command(
+            self.program,
+            launcher=self.launcher,
+            controller=self.controller,
+            np=self.np,
+            hosts=self.hosts.hosts if self.hosts else None,
+            hostfile=self.hostfile,
+            env=self.env,
+            extra_env=self.extra_env,
+            network_interface=self.network_interface,
+            launcher_args=self.launcher_args,
+            is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+            local_slots=local_core_count(),
+            executable=venv_tool("horovodrun") if self.launcher == "horovodrun" else None,
+            tag_output=True,
         )
 
-
-def _slots(text: str, where: str) -> int:
-    try:
-        return _slots_value(text)
-    except ValueError as exc:
-        raise HvdftError(f"{where}: {exc}") from None
-
-
-def _add(
-    hosts: Hosts,
-    seen: dict[str, str],
-    name: str,
-    slots: int,
-    where: str,
-    path: str | Path | None,
-    line: int | None,
-) -> None:
-    # mpirun silently adds the slots of a repeated host while horovodrun keeps both
-    # entries; neither is what someone who repeated a line by mistake wants.
-    if name in seen:
-        raise HvdftError(f"{where}: host '{name}' is already listed ({seen[name]})", path, line)
-    seen[name] = where
-    hosts.append((name, slots))
+    def rank_hosts(self) -> list[str]:
+        """The host of each rank: both launchers fill hosts in order, slot by slot."""
+        if self.hosts is None:
+            return [socket.gethostname()] * (self.np or 1)
+        return [name for name, slots in self.hosts.hosts for _ in range(slots)]
 
 
-def parse_hosts(spec: str) -> Hosts:
-    """`host:slots,host:slots,...` (horovodrun's and mpirun's -H); a bare host is 1 slot."""
-    hosts: Hosts = []
-    seen: dict[str, str] = {}
-    entries = spec.split(",")
-    for i, raw in enumerate(entries, 1):
-        entry = raw.strip()
-        where = f"-H entry {i} '{entry}'"
-        if not entry:
-            raise HvdftError(f"-H entry {i} is empty (in '{spec}')")
-        name, sep, count = entry.partition(":")
-        _check_host(name, where, None, None)
-        slots = _slots(count, where) if sep else 1
-        _add(hosts, seen, name, slots, where, None, None)
-    return hosts
-
-
-def _hostfile_line(text: str) -> tuple[str, int, bool] | None:
-    """(host, slots, colon_syntax) of one hostfile line, None for blank/comment lines."""
-    body = text.split("#", 1)[0].strip()
-    if not body:
-        return None
-    fields = body.split()
-    if ":" in fields[0]:
-        if len(fields) != 1:
-            raise ValueError(f"'{body}': 'host:slots' takes nothing after it")
-        name, _, count = fields[0].partition(":")
-        return name, _slots_value(count), True
-    name, slots = fields[0], 1
-    for field in fields[1:]:
-        key, sep, value = field.partition("=")
-        if not sep or key not in ("slots", "max_slots", "max-slots"):
-            raise ValueError(f"'{field}': expected slots=N (or max_slots=N)")
-        number = _slots_value(value)
-        if key == "slots":
-            slots = number
-    return name, slots, False
-
-
-def _slots_value(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"slots must be a positive integer, got '{text}'")
-    return int(text)
-
-
-def parse_hostfile(path: str | Path) -> Hosts:
-    """Read a hostfile in either syntax, line by line: `host slots=N` or `host:N`.
-
-    `host` alone is one slot, `#` starts a comment, `max_slots=` is accepted (mpirun's).
-    """
-    return _read_hostfile(path)[0]
-
-
-def _read_hostfile(path: str | Path) -> tuple[Hosts, bool, bool]:
-    """(hosts, uses_colon_syntax, strict) where strict means horovodrun can read the file
-    itself: its parser takes every line as `host slots=N`, so a comment breaks it."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise HvdftError(f"cannot read hostfile: {exc.strerror}", path) from exc
-    hosts: Hosts = []
-    seen: dict[str, str] = {}
-    colon = False
-    strict = True
-    for number, text in enumerate(lines, 1):
-        try:
-            parsed = _hostfile_line(text)
-        except ValueError as exc:
-            raise HvdftError(f"{exc}; expected 'host slots=N' or 'host:N'", path, number) from None
-        if parsed is None:
-            strict = False
-            continue
-        name, slots, is_colon = parsed
-        _check_host(name, "host", path, number)
-        _add(hosts, seen, name, slots, f"line {number}", path, number)
-        colon |= is_colon
-        strict &= bool(re.fullmatch(r"\S+ slots=\d+", text.strip()))
-    if not hosts:
-        raise HvdftError("hostfile lists no hosts", path)
-    return hosts, colon, strict
-
-
-def hosts_spec(hosts: Hosts) -> str:
-    return ",".join(f"{name}:{slots}" for name, slots in hosts)
-
-
-# ------------------------------------------------------------------ Slurm
-
-
-def expand_hostlist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list, e.g. `node[01-03,07],gpu5` -> node01..node03, node07, gpu5.
-
-    Several bracket groups in one name (`r[1-2]n[1-2]`) expand as a product, as in Slurm.
-    Zero padding follows the lower bound's width, as `scontrol show hostnames` does.
-    """
-    names: list[str] = []
-    for item in _split_top_level(nodelist):
-        names.extend(_expand_item(item, nodelist))
-    return names
-
-
-def _split_top_level(text: str) -> list[str]:
-    items: list[str] = []
-    depth = 0
-    current = ""
-    for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise HvdftError(f"Slurm node list '{text}': unbalanced ']'")
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    if depth != 0:
-        raise HvdftError(f"Slurm node list '{text}': unbalanced '['")
-    items.append(current)
-    for item in items:
-        if not item.strip():
-            raise HvdftError(f"Slurm node list '{text}': empty entry")
-    return [item.strip() for item in items]
-
-
-def _expand_item(item: str, whole: str) -> list[str]:
-    match = re.search(r"\[([^\]]*)\]", item)
-    if match is None:
-        _check_host(item, f"Slurm node list '{whole}'", None, None)
-        return [item]
-    head, tail = item[: match.start()], item[match.end() :]
-    expanded: list[str] = []
-    for part in match.group(1).split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise HvdftError(f"Slurm node list '{whole}': bad range '{part}' in '{item}'")
-        if not dash:
-            hi = lo
-        if int(hi) < int(lo):
-            raise HvdftError(f"Slurm node list '{whole}': range '{part}' runs backwards")
-        width = len(lo)
-        for value in range(int(lo), int(hi) + 1):
-            expanded.extend(_expand_item(f"{head}{value:0{width}d}{tail}", whole))
-    return expanded
-
-
-def expand_tasks_per_node(spec: str) -> list[int]:
-    """Slurm's `2(x3),1` -> [2, 2, 2, 1]."""
-    counts: list[int] = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", part)
-        if match is None or int(match.group(1)) < 1:
-            raise HvdftError(f"Slurm tasks per node '{spec}': cannot read '{part}'")
-        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
-    return counts
-
-
-def in_slurm(env: Mapping[str, str]) -> bool:
-    return bool(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST"))
-
-
-def slurm_hosts(env: Mapping[str, str]) -> Hosts:
-    """(node, tasks) of the current Slurm allocation, from the variables sbatch/salloc set."""
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
-        raise HvdftError("not inside a Slurm allocation (SLURM_JOB_NODELIST is not set)")
-    nodes = expand_hostlist(nodelist)
-    # SLURM_TASKS_PER_NODE is always set by sbatch/salloc and is the allocation's truth;
-    # SLURM_NTASKS_PER_NODE only exists when --ntasks-per-node was given.
-    spec = env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE")
-    if spec:
-        counts = expand_tasks_per_node(spec)
-        if len(counts) == 1:
-            counts = counts * len(nodes)
-    elif env.get("SLURM_NTASKS"):
-        total = int(env["SLURM_NTASKS"])
-        if total % len(nodes):
-            raise HvdftError(
-                f"SLURM_NTASKS={total} does not divide over {len(nodes)} nodes and SLURM_TASKS_PER_NODE is not set"
-            )
-        counts = [total // len(nodes)] * len(nodes)
-    else:
-        counts = [1] * len(nodes)
-    if len(counts) != len(nodes):
-        raise HvdftError(
-            f"Slurm lists {len(nodes)} nodes ({nodelist}) but tasks per node '{spec}' describes {len(counts)}"
-        )
-    return list(zip(nodes, counts, strict=True))
-
-
-# ------------------------------------------------------------------ command
+# ------------------------------------------------------------------ the command
 
 
 def forwarded_env_names(env: Mapping[str, str]) -> list[str]:
-    return sorted(name for name in env if name in _FORWARD_EXACT or name.startswith(_FORWARD_PREFIXES))
+    """Variables mpirun forwards with -x (horovodrun forwards its whole environment)."""
+    return sorted(
+        name
+        for name in env
+        if (name in _FORWARD_EXACT or name.startswith(_FORWARD_PREFIXES)) and name not in TEST_HOOKS
+    )
 
 
 def venv_tool(name: str) -> str:
@@ -313,6 +189,7 @@ def build_command(
     local_slots: int = 1,
     hostname: str | None = None,
     executable: str | None = None,
+    tag_output: bool = False,
 ) -> list[str]:
     """The horovodrun/mpirun argv that starts `program` on every rank.
 
@@ -321,6 +198,10 @@ def build_command(
     environment to forward (mpirun's -x); `extra_env` adds NAME or NAME=VALUE entries.
     `local_slots` is how many ranks mpirun allows on this machine without a host list.
     `executable` replaces the launcher's bare name (e.g. the venv's horovodrun).
+    `tag_output` has mpirun tag each output fragment with its rank (horovodrun always
+    does), which is how `hvdft.outcome` tells whose lines it reads.
+    Raises HvdftError for combinations no launcher accepts (-np below 1, more ranks
+    than remote slots, --gloo with mpirun).
     """
     if launcher not in ("horovodrun", "mpirun"):
         raise HvdftError(f"unknown launcher '{launcher}' (horovodrun or mpirun)")
@@ -338,7 +219,7 @@ def build_command(
         np = total or 1
     if np < 1:
         raise HvdftError(f"-np must be at least 1, got {np}")
-    local = _LOCAL_NAMES | {hostname or socket.gethostname()}
+    local = hostlib.LOCAL_NAMES | {hostname or socket.gethostname()}
     all_local = hosts is None or all(name in local for name, _ in hosts)
     if total is not None and np > total and not (launcher == "mpirun" and all_local):
         raise HvdftError(f"-np {np} is more than the {total} slots in the host list")
@@ -359,6 +240,8 @@ def build_command(
     if np > (total if total is not None else local_slots):
         # Only reached for this machine alone: ranks beyond its cores just share them.
         cmd.append("--oversubscribe")
+    if tag_output:
+        cmd.append("--tag-output")
     if hostfile is not None:
         cmd += ["-hostfile", str(hostfile)]
     elif hosts:
@@ -386,8 +269,7 @@ def _mpi_mca_defaults(network_interface: str | None) -> list[tuple[str, str]]:
         # modern fabrics (Horovod's documented setting).
         ("pml", "ob1"),
         ("btl", "^openib"),
-        # On SIGTERM mpirun signals the ranks and SIGKILLs them 1 s later by default:
-        # too short for the checkpoint hvdft writes when Slurm warns of the time limit.
+        # How long mpirun waits between SIGCONT, SIGTERM and SIGKILL when it ends a job.
         ("odls_base_sigkill_timeout", str(MPI_TERM_GRACE_S)),
         # MPI itself has no timeouts: a rank whose peer's host vanished waits forever.
         # Keepalives on mpirun's links to its daemons turn a lost host into a job
@@ -410,6 +292,7 @@ def _mca_names(args: Sequence[str]) -> set[str]:
 
 
 def format_command(argv: Sequence[str], env_prefix: Mapping[str, str] | None = None) -> str:
+    """The `[hvdft launch] ...` line: the command as a shell would take it."""
     words = [f"{k}={v}" for k, v in (env_prefix or {}).items()] + list(argv)
     return f"{PREFIX} {shlex.join(words)}"
 
@@ -435,33 +318,7 @@ def local_core_count() -> int:
     return max(1, len(cores))
 
 
-def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run the launcher; SIGINT/SIGTERM sent to us go to it, once each, so ranks can
-    checkpoint (a Slurm `--signal=B:TERM@120` arrives at this process)."""
-    # A session of its own keeps a terminal's Ctrl-C from reaching the launcher twice
-    # (once from the terminal, once from us): mpirun aborts on a second SIGINT.
-    child = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        if child.poll() is None:
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            try:
-                code = child.wait()
-                break
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    # The shell's convention, so `$?` tells a killed launcher from a failed one.
-    return 128 - code if code < 0 else code
-
-
-# ------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------ request -> plan
 
 
 def _split_env(entries: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
@@ -485,6 +342,453 @@ def _split_launcher_args(texts: Sequence[str]) -> list[str]:
         except ValueError as exc:
             raise HvdftError(f"--launcher-args {text!r}: {exc}") from None
     return words
+
+
+def child_environment(environ: Mapping[str, str], env_entries: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """(the launcher's environment, test hooks left out of it).
+
+    horovodrun hands its whole environment to the ranks and mpirun its own to the ranks
+    on its machine, so a hook must be removed here, not only left out of -x. A hook
+    named with --env (with or without a value) goes through.
+    """
+    named = {entry.partition("=")[0] for entry in env_entries}
+    stripped = sorted(name for name in TEST_HOOKS if name in environ and name not in named)
+    env = {k: v for k, v in environ.items() if k not in stripped}
+    env.update(_split_env(env_entries, environ))
+    return env, stripped
+
+
+def plan(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[Plan, list[str]]:
+    """The first attempt's plan, and the test hooks left out of its environment."""
+    if req.hostfile and req.hosts_text:
+        raise HvdftError("give --hostfile or -H, not both")
+    if int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+        raise HvdftError(
+            "hvdft launch is running as one of several srun tasks; run it once per job "
+            "(in the batch script), or use `srun --mpi=pmix hvdft ...` without launch"
+        )
+    slurm = hostlib.in_slurm(environ) and not (req.hostfile or req.hosts_text)
+    controller = req.controller or ("mpi" if slurm or req.launcher == "mpirun" else "gloo")
+    launcher = req.launcher if req.launcher != "auto" else ("mpirun" if controller == "mpi" else "horovodrun")
+
+    np = req.np
+    hosts: HostList | None = None
+    passthrough: str | None = None
+    if req.hostfile:
+        hosts = hostlib.read_hostfile(req.hostfile)
+        # A file the launcher reads as it is goes through unchanged, so the printed
+        # command matches what the user wrote; otherwise the same hosts go as -H
+        # (horovodrun's reader fails on comments; neither reads 'host:N' lines).
+        if (launcher == "horovodrun" and hosts.strict) or (launcher == "mpirun" and not hosts.colon):
+            passthrough = req.hostfile
+    elif req.hosts_text:
+        hosts = hostlib.read_hosts(req.hosts_text)
+    elif slurm:
+        hosts = hostlib.read_slurm(environ)
+        if np is None and environ.get("SLURM_NTASKS"):
+            np = int(environ["SLURM_NTASKS"])
+
+    env, stripped = child_environment(environ, req.env_entries)
+    values = _split_env(req.env_entries, environ)
+    found = Plan(
+        launcher=launcher,
+        controller=controller,
+        np=np,
+        hosts=hosts,
+        hostfile=passthrough,
+        runner=[] if req.exec_ else hvdft_program(),
+        args=list(req.args),
+        env=env,
+        shown_env=values if launcher == "horovodrun" else {},
+        extra_env=list(req.env_entries),
+        network_interface=req.network_interface,
+        launcher_args=_split_launcher_args(req.launcher_args),
+    )
+    found.argv()  # every combination error (-np, slots, controller) before anything else
+    return found, stripped
+
+
+def check_plan(p: Plan, req: LaunchRequest) -> None:
+    """Refuse, before any rank starts, what the launcher would choke on: a launcher or
+    program not on PATH, host names that do not resolve, a network interface this
+    machine does not have (checked when this machine runs ranks)."""
+    path = p.env.get("PATH")
+    argv = p.argv()
+    if shutil.which(argv[0], path=path) is None:
+        hint = "run ./install.sh" if p.launcher == "horovodrun" else "install Open MPI or load your MPI module"
+        raise HvdftError(f"{p.launcher} is not installed: '{argv[0]}' is not on PATH ({hint})")
+    if p.hosts is not None:
+        hostlib.check_resolvable(p.hosts)
+    addresses = hostlib.local_addresses()
+    local = [p.hosts is None or hostlib.is_local(name, addresses) for name in (p.hosts.names if p.hosts else [""])]
+    if req.exec_ and any(local) and shutil.which(p.program[0], path=path) is None:
+        raise HvdftError(f"--exec: '{p.program[0]}' is not on PATH (nor a path to a program)")
+    if p.launcher == "horovodrun" and not all(local) and shutil.which("ssh", path=path) is None:
+        raise HvdftError("horovodrun reaches other hosts through ssh, which is not on PATH")
+    if p.network_interface and any(local):
+        hostlib.check_interface(p.network_interface, loopback_only=p.launcher == "horovodrun" and all(local))
+
+
+# ------------------------------------------------------------------ running
+
+
+_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+
+
+def local_ranks(launcher_pid: int) -> list[int]:
+    """Process ids of the ranks the launcher started on this machine: its descendants
+    that carry a rank variable their parent does not (not their own children)."""
+    import psutil
+
+    def rank_of(proc: psutil.Process) -> str | None:
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            return None
+        return next((env[name] for name in _RANK_VARIABLES if name in env), None)
+
+    try:
+        descendants = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for proc in descendants:
+        try:
+            parent = proc.parent()
+        except psutil.Error:
+            continue
+        if rank_of(proc) is not None and (parent is None or rank_of(parent) is None):
+            found.append(proc.pid)
+    return found
+
+
+class _Forwarder:
+    """SIGINT/SIGTERM sent to hvdft launch (Ctrl-C, a Slurm `--signal=B:TERM@120`)
+    reach the job. `received` says one came.
+
+    With `direct`, the first one goes straight to the ranks on this machine: hvdft's
+    ranks agree on stopping through their per-step allreduce, so one signalled rank
+    stops them all at the same step, and rank 0 writes a checkpoint with no launcher
+    deadline (horovodrun SIGKILLs 5 s after it signals, mpirun after its
+    odls_base_sigkill_timeout). A second signal, or a job with no rank here, goes to
+    the launcher, which ends the job at once.
+    """
+
+    def __init__(self, direct: bool = False) -> None:
+        self.child: subprocess.Popen[bytes] | None = None
+        self.direct = direct
+        self.received = False
+
+    def _forward(self, signum: int, _frame: FrameType | None) -> None:
+        first, self.received = not self.received, True
+        if self.child is None or self.child.poll() is not None:
+            return
+        ranks = local_ranks(self.child.pid) if first and self.direct else []
+        for pid in ranks:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        if ranks:
+            # os.write: a signal handler must not re-enter a buffered stream.
+            os.write(2, f"{PREFIX} {signal.Signals(signum).name}: asked the ranks on this machine to stop at "
+                        "the next step and checkpoint; signal again to end the job at once\n".encode())
+        else:
+            self.child.send_signal(signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[_Forwarder]:
+        previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _wait(child: subprocess.Popen[bytes], watch: Watch | None = None) -> int:
+    """The launcher's exit status (128 + signal if it was killed, the shell's convention,
+    so `$?` tells a killed launcher from a failed one).
+
+    With a `watch` on mpirun: once mpirun is ending the job and rank 0 has announced an
+    end that every rank takes by itself (`Watch.verdict`), mpirun has nothing left to do
+    but its kill sequence, which sleeps twice odls_base_sigkill_timeout even when every
+    rank has exited. After MPI_VERDICT_WAIT_S more it is ended here, and the status is
+    the verdict.
+    """
+    since = None
+    while True:
+        try:
+            code = child.wait(timeout=0.25)
+            return 128 - code if code < 0 else code
+        except subprocess.TimeoutExpired:
+            pass
+        verdict = watch.verdict() if watch is not None and watch.launcher == "mpirun" and watch.aborting else None
+        if verdict is None:
+            continue
+        since = since or time.monotonic()
+        if time.monotonic() - since > MPI_VERDICT_WAIT_S:
+            # mpirun alone: its local ranks have exited; remote daemons end with their lifeline.
+            child.kill()
+            child.wait()
+            return verdict
+
+
+def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run the launcher with its output going straight to ours, forwarding signals."""
+    with _Forwarder().installed() as forwarder:
+        # A session of its own keeps a terminal's Ctrl-C from reaching the launcher twice
+        # (once from the terminal, once from us): mpirun aborts on a second SIGINT.
+        forwarder.child = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
+        return _wait(forwarder.child)
+
+
+def run_watched(argv: Sequence[str], env: Mapping[str, str], launcher: str, hosts: list[str],
+                direct_signals: bool = False) -> Outcome:
+    """Run the launcher, pass its ranks' output on as it comes, and conclude.
+    `direct_signals`: the ranks are hvdft's (see `_Forwarder`)."""
+    watch = Watch(launcher, sys.stdout, sys.stderr)
+    with _Forwarder(direct_signals).installed() as forwarder:
+        forwarder.child = subprocess.Popen(
+            list(argv), env=dict(env), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert forwarder.child.stdout is not None and forwarder.child.stderr is not None
+        readers = [
+            threading.Thread(target=pump(forwarder.child.stdout.fileno(), "stdout", watch), daemon=True),
+            threading.Thread(target=pump(forwarder.child.stderr.fileno(), "stderr", watch), daemon=True),
+        ]
+        for reader in readers:
+            reader.start()
+        code = _wait(forwarder.child, watch)
+        for reader in readers:
+            # Ranks the launcher left behind could hold the pipes open: do not wait forever.
+            reader.join(timeout=30)
+    watch.close()
+    watch.end_line()
+    return conclude(watch, code, forwarder.received, launcher, hosts)
+
+
+def run_plan(p: Plan) -> Outcome:
+    """Print the command, run it, and return how it ended."""
+    argv = p.argv()
+    click.echo(format_command(argv, p.shown_env))
+    sys.stdout.flush()
+    try:
+        return run_watched(argv, p.env, p.launcher, p.rank_hosts(), direct_signals=bool(p.runner))
+    except FileNotFoundError as exc:
+        raise HvdftError(f"{argv[0]} not found: {exc.strerror} (is the venv activated?)") from exc
+
+
+def report(outcome: Outcome, final: bool) -> None:
+    """The failed rank's last lines, then the summary: `hvdft: error: ...` when it is the
+    job's end, `[hvdft launch] attempt failed: ...` before a restart."""
+    for line in outcome.details:
+        click.echo(f"{PREFIX} {line}", err=True)
+    if final:
+        for line in outcome.summary:
+            click.echo(line, err=True)
+    else:
+        click.echo(f"{PREFIX} attempt failed: {outcome.reason}", err=True)
+
+
+# ------------------------------------------------------------------ restarts
+
+
+def job_output_dir(req: LaunchRequest) -> Path | None:
+    """The job's --output-dir: launch's own option, else the train arguments', else their
+    --config file's, else TrainConfig's default. None for other commands."""
+    args = list(req.args)
+    given = _option_value(args, "--output-dir") if not req.exec_ else None
+    if req.output_dir and given and Path(req.output_dir) != Path(given):
+        raise HvdftError(f"--output-dir {req.output_dir} differs from the job's --output-dir {given}")
+    if req.output_dir or given:
+        return Path(req.output_dir or given or "")
+    if req.exec_ or args[:1] != ["train"]:
+        return None
+    config = _option_value(args, "--config")
+    if config:
+        from hvdft.config import load_config_file
+
+        value = load_config_file(config).get("output_dir")
+        if value:
+            return Path(str(value))
+    from hvdft.config import TrainConfig
+
+    return Path(TrainConfig.output_dir)
+
+
+def _option_value(args: Sequence[str], name: str) -> str | None:
+    value = None
+    for i, word in enumerate(args):
+        if word == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif word.startswith(name + "="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
+    """(folder, step) of the newest complete checkpoint in OUTPUT_DIR/checkpoints, as
+    `--resume auto` will find it (when this machine sees rank 0's disk)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name))]
+    complete = sorted((step, p) for step, p in found if (p / _STATE_FILE).exists())
+    return (complete[-1][1], complete[-1][0]) if complete else None
+
+
+def restart_args(args: Sequence[str], exec_: bool, checkpoint_seen: bool) -> list[str]:
+    """The words after `--` for a restart: an hvdft train job continues with
+    `--resume auto` (its latest checkpoint, or a fresh start if it wrote none) and never
+    with --overwrite-output-dir (which would delete that checkpoint). A `--resume PATH`
+    of the user's stays while no checkpoint of this job exists. Other programs rerun as given."""
+    if exec_ or list(args[:1]) != ["train"]:
+        return list(args)
+    out: list[str] = []
+    words = list(args)
+    i = 0
+    user_path = None
+    while i < len(words):
+        word = words[i]
+        if word == "--overwrite-output-dir":
+            i += 1
+            continue
+        if word == "--resume" or word.startswith("--resume="):
+            has_value = word == "--resume" and i + 1 < len(words) and not words[i + 1].startswith("-")
+            value = word.split("=", 1)[1] if "=" in word else (words[i + 1] if has_value else "latest")
+            user_path = value if value not in ("latest", "auto") else None
+            i += 2 if has_value else 1
+            continue
+        out.append(word)
+        i += 1
+    resume = user_path if user_path and not checkpoint_seen else "auto"
+    return [*out, "--resume", resume]
+
+
+def _shrink(p: Plan, req: LaunchRequest) -> tuple[Plan, dict[str, str]]:
+    """The plan for a restart on the hosts that still answer (only a host list can lose
+    hosts), and {host: why} for those dropped. Raises HvdftError below --min-np."""
+    if p.hosts is None:
+        return p, {}
+    answers = hostlib.probe(p.hosts.names, p.env, slurm=p.hosts.slurm)
+    dropped = {name: why for name, why in answers.items() if why}
+    if not dropped:
+        return p, {}
+    kept = p.hosts.without(list(dropped))
+    np = min(p.np or p.hosts.slots, kept.slots)
+    if np < max(req.min_np, 1):
+        lost = ", ".join(f"{name} ({why})" for name, why in dropped.items())
+        raise HvdftError(f"cannot restart: {lost} stopped answering; {np} rank(s) left, below --min-np {req.min_np}")
+    nic = p.network_interface
+    addresses = hostlib.local_addresses()
+    if p.launcher == "horovodrun" and all(hostlib.is_local(name, addresses) for name in kept.names):
+        nic = None  # every rank here now: horovodrun talks over loopback (hosts.check_interface)
+    return dataclasses.replace(p, hosts=kept, hostfile=None, np=np, network_interface=nic), dropped
+
+
+def _record(output_dir: Path | None, record: dict[str, object]) -> None:
+    if output_dir is None:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / RESTARTS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _sleep(seconds: float) -> bool:
+    """Sleep, but return False at once on SIGINT/SIGTERM (the user wants to stop)."""
+    stop = threading.Event()
+    handler: Callable[[int, FrameType | None], None] = lambda *_: stop.set()  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return not stop.wait(seconds)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _prepare_restart(req: LaunchRequest, failed: Plan, outcome: Outcome, attempt: int,
+                     output_dir: Path | None, started: str) -> tuple[Plan, float]:
+    """The next attempt's plan and delay; prints the one restart line and records it.
+    Raises HvdftError when too few hosts answer."""
+    current, dropped = _shrink(failed, req)
+    seen = latest_checkpoint(output_dir) if output_dir else None
+    current = dataclasses.replace(current, args=restart_args(req.args, req.exec_, seen is not None))
+    delay = min(req.restart_backoff * 2**attempt, 300.0)
+    ranks = current.np or (current.hosts.slots if current.hosts else 1)
+    if req.exec_ or list(req.args[:1]) != ["train"]:
+        where = "the start (not an hvdft train job)"
+    else:
+        where = f"step {seen[1]} ({seen[0]})" if seen else "the start (no checkpoint yet)"
+    lost = f"; dropped {', '.join(f'{h} ({why})' for h, why in dropped.items())}" if dropped else ""
+    click.echo(f"{PREFIX} restart {attempt + 1}/{req.max_restarts} in {delay:g} s: {outcome.reason}; "
+               f"{ranks} rank(s), resuming from {where}{lost}", err=True)
+    _record(output_dir, {
+        "event": "restart", "launch_started": started, "attempt": attempt + 1, "reason": outcome.reason,
+        "kind": outcome.kind, "rank": outcome.rank, "exit_status": outcome.status, "ranks": ranks,
+        "hosts": hosts_spec(current.hosts.hosts) if current.hosts else None, "dropped_hosts": dropped,
+        "resume_step": seen[1] if seen else None, "resume_from": str(seen[0]) if seen else None, "time": _now(),
+    })  # fmt: skip
+    return current, delay
+
+
+def supervise(req: LaunchRequest, first: Plan) -> int:
+    """Run the job; after a crash, a killed rank or a lost host, run it again from its
+    latest checkpoint, up to --max-restarts times. Input errors and interrupts end it.
+    Returns hvdft launch's exit status."""
+    output_dir = job_output_dir(req)
+    started = _now()
+    current, attempt = first, 0
+    while True:
+        outcome = run_plan(current)
+        if not outcome.retryable or attempt == req.max_restarts:
+            break
+        report(outcome, final=False)
+        try:
+            current, delay = _prepare_restart(req, current, outcome, attempt, output_dir, started)
+        except HvdftError as exc:  # too few hosts left: the job ends with its last failure
+            click.echo(f"{PREFIX} {exc}", err=True)
+            report(dataclasses.replace(outcome, details=[]), final=True)
+            return outcome.code
+        if not _sleep(delay):
+            click.echo("hvdft: interrupted before the restart", err=True)
+            return EXIT_INTERRUPTED
+        attempt += 1
+    if outcome.code == 0:
+        if attempt:
+            click.echo(f"{PREFIX} finished after {attempt} restart(s)", err=True)
+        return 0
+    if attempt and outcome.retryable:
+        click.echo(f"{PREFIX} giving up after {attempt} restart(s)", err=True)
+        _record(output_dir, {"event": "gave_up", "launch_started": started, "attempt": attempt,
+                             "reason": outcome.reason, "time": _now()})
+    report(outcome, final=True)
+    return outcome.code
+
+
+def run_request(req: LaunchRequest) -> int:
+    """Everything `hvdft launch` does, given its options; the exit status."""
+    if req.max_restarts < 0:
+        raise HvdftError(f"--max-restarts must not be negative, got {req.max_restarts}")
+    if req.max_restarts and job_output_dir(req) is None:
+        raise HvdftError("--max-restarts records each restart in the job's output folder: "
+                         "give --output-dir (the job is not an hvdft train command)")
+    p, stripped = plan(req, os.environ)
+    for name in stripped:
+        click.echo(f"{PREFIX} not forwarding {name} (a test hook; name it with --env {name} to pass it on)",
+                   err=True)
+    if req.dry_run:
+        click.echo(format_command(p.argv(), p.shown_env))
+        return 0
+    check_plan(p, req)
+    return supervise(req, p)
+
+
+# ------------------------------------------------------------------ CLI
 
 
 @click.command(
@@ -550,113 +854,52 @@ def _split_launcher_args(texts: Sequence[str]) -> list[str]:
     is_flag=True,
     help="The words after '--' are a complete program, not hvdft arguments.",
 )
-@click.option("--dry-run", is_flag=True, help="Print the command and exit.")
+@click.option(
+    "--max-restarts",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Run a failed job (crash, killed rank, lost host) again from its latest checkpoint, up to K times.",
+)
+@click.option(
+    "--min-np",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Fewest ranks a restart may continue on when hosts stop answering.",
+)
+@click.option(
+    "--restart-backoff",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds before the first restart; doubled for each further one (at most 300).",
+)
+@click.option(
+    "--output-dir",
+    default=None,
+    help="The job's output folder, for restarts.jsonl [default: the train command's --output-dir or --config].",
+)
+@click.option("--dry-run", is_flag=True, help="Print the command and exit (hosts and interfaces are not checked).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def launch(
-    ctx: click.Context,
-    np: int | None,
-    hostfile: str | None,
-    hosts_text: str | None,
-    controller: str | None,
-    launcher: str,
-    network_interface: str | None,
-    env_entries: tuple[str, ...],
-    launcher_args: tuple[str, ...],
-    exec_: bool,
-    dry_run: bool,
-    args: tuple[str, ...],
-) -> None:
+def launch(ctx: click.Context, **options: object) -> None:
     """Run `hvdft ARGS...` on N ranks through horovodrun or mpirun.
 
     \b
       hvdft launch -np 2 -- train ner --config ner.yaml
       hvdft launch --hostfile hostfiles/two-nodes.horovod -- train ner ...
-      hvdft launch --mpi -H node1:4,node2:4 -- train ner ...
+      hvdft launch --mpi -H node1:4,node2:4 --max-restarts 3 -- train ner ...
 
     Inside a Slurm allocation the hosts and rank count come from Slurm. Under
     `srun --mpi=pmix` run `hvdft train ...` directly instead: ranks come from MPI.
+    Exit status: 0 done, 2 an input error (one line), 130 interrupted, 1 anything else
+    (the failed rank, its status or signal, and its last lines).
     """
     try:
-        code = _launch(
-            np, hostfile, hosts_text, controller, launcher, network_interface,
-            env_entries, launcher_args, exec_, dry_run, args,
-        )  # fmt: skip
+        code = run_request(LaunchRequest(**options))  # type: ignore[arg-type]
     except HvdftError as exc:
         # One line, like every hvdft command: the message names the file/line or entry.
         click.echo(f"hvdft: error: {exc}", err=True)
         code = EXIT_USER_ERROR
     ctx.exit(code)
-
-
-def _launch(
-    np: int | None,
-    hostfile: str | None,
-    hosts_text: str | None,
-    controller: str | None,
-    launcher: str,
-    network_interface: str | None,
-    env_entries: tuple[str, ...],
-    launcher_args: tuple[str, ...],
-    exec_: bool,
-    dry_run: bool,
-    args: tuple[str, ...],
-) -> int:
-    environ = dict(os.environ)
-    if hostfile and hosts_text:
-        raise HvdftError("give --hostfile or -H, not both")
-    if int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
-        raise HvdftError(
-            "hvdft launch is running as one of several srun tasks; run it once per job "
-            "(in the batch script), or use `srun --mpi=pmix hvdft ...` without launch"
-        )
-
-    slurm = in_slurm(environ) and not (hostfile or hosts_text)
-    controller = controller or ("mpi" if slurm or launcher == "mpirun" else "gloo")
-    if launcher == "auto":
-        launcher = "mpirun" if controller == "mpi" else "horovodrun"
-
-    hosts: Hosts | None = None
-    launcher_hostfile: str | None = None
-    if hostfile:
-        hosts, colon, strict = _read_hostfile(hostfile)
-        # A file the launcher reads as it is goes through unchanged, so the printed
-        # command matches what the user wrote; otherwise the same hosts go as -H
-        # (horovodrun's reader fails on comments; neither reads 'host:N' lines).
-        if (launcher == "horovodrun" and strict) or (launcher == "mpirun" and not colon):
-            launcher_hostfile = hostfile
-    elif hosts_text:
-        hosts = parse_hosts(hosts_text)
-    elif slurm:
-        hosts = slurm_hosts(environ)
-        if np is None and environ.get("SLURM_NTASKS"):
-            np = int(environ["SLURM_NTASKS"])
-
-    extra_values = _split_env(env_entries, environ)
-    program = list(args) if exec_ else [*hvdft_program(), *args]
-    argv = build_command(
-        program,
-        launcher=launcher,
-        controller=controller,
-        np=np,
-        hosts=hosts,
-        hostfile=launcher_hostfile,
-        env=environ,
-        extra_env=env_entries,
-        network_interface=network_interface,
-        launcher_args=_split_launcher_args(launcher_args),
-        is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
-        local_slots=local_core_count(),
-        executable=venv_tool("horovodrun") if launcher == "horovodrun" else None,
-    )
-    # horovodrun hands its whole environment to the ranks (and sets the Gloo/NCCL
-    # interface itself); mpirun got -x NAME=VALUE from build_command.
-    child_env = {**environ, **extra_values}
-    click.echo(format_command(argv, extra_values if launcher == "horovodrun" else None))
-    if dry_run:
-        return 0
-    sys.stdout.flush()
-    try:
-        return run_forwarding_signals(argv, child_env)
-    except FileNotFoundError as exc:
-        raise HvdftError(f"{argv[0]} not found: {exc.strerror} (is the venv activated?)") from exc

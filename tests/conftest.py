@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# HVDFT_SHARED_DATA: for a checkout elsewhere than beside ../shared
+SHARED_DATA = Path(os.environ.get("HVDFT_SHARED_DATA") or ROOT.parent / "shared" / "data")
 HVDFT = str(BIN / "hvdft")
 MPIRUN = ["mpirun", "--oversubscribe", "-np", "2"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
 HOROVODRUN = [str(BIN / "horovodrun"), "-np", "2", "--gloo"]

@@ -366,7 +366,7 @@ def test_remote_code_needs_trust_remote_code(tmp_path: Path, monkeypatch: pytest
 
     from hvdft.config import TrainConfig
     from hvdft.errors import HvdftError
-    from hvdft.train import _load
+    from hvdft.setup import _load
 
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not ~/.cache
     marker = tmp_path / "ran"

@@ -8,21 +8,26 @@ import json
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import HOROVODRUN, HVDFT, MPIRUN, run, write
 
-from hvdft.data.files import find_split_files
+from hvdft.data.files import Shard, find_split_files
 from hvdft.errors import HvdftError
 from hvdft.tasks import get_task
-from hvdft.tasks.classify import ClassifyTask, classification_scores, escape
+from hvdft.tasks.classify import ClassifyOptions, ClassifyTask, classification_scores, escape
 
 TASK = ClassifyTask()
 
 
+def task_with(encoding: str = "utf-8", **options) -> ClassifyTask:
+    return ClassifyTask(ClassifyOptions(**options), encoding)
+
+
 def read(path: Path, rank: int = 0, world: int = 1, **opts):
-    return TASK.read(str(path), "train", rank, world, opts)
+    return task_with(**opts).read(str(path), "train", Shard(rank, world))
 
 
 def unescape(field: str) -> str:
@@ -175,7 +180,7 @@ def test_pairs(tmp_path: Path, tokenizer) -> None:
     with pytest.raises(HvdftError, match="no column 'other'.*--text-pair-column"):
         read(p, text_column="premise", text_pair_column="other")
     batch = {"text": [ex["text"]], "text_pair": [ex["text_pair"]], "label": ["entailment"], "example": [0]}
-    feats = TASK.featurize(batch, tokenizer, {"entailment": 0}, {"max_length": 64})
+    feats = TASK.featurize(batch, tokenizer, {"entailment": 0}, 64)
     ids, types = feats["input_ids"][0], feats["token_type_ids"][0]
     sep = tokenizer.sep_token_id
     assert ids[0] == tokenizer.cls_token_id and ids.count(sep) == 2 and ids[-1] == sep
@@ -231,20 +236,20 @@ def test_hub_dataset_labels_from_classlabel() -> None:
                                   "idx": datasets.Value("int32")})
     ds = datasets.Dataset.from_dict({"sentence": ["bad", "good", "fine", "meh", "great"], "label": [0, 1, 1, 0, 1],
                                      "idx": [0, 1, 2, 3, 4]}, features=features)
-    one = TASK.read_hub(ds, "train", 1, 2, {"dataset": "glue"})
+    one = TASK.read_hub(ds, "train", Shard(1, 2), "glue")
     assert one.total == 5 and one.ids == [1, 3]
     assert [(e["text"], e["label"]) for e in one.examples] == [("good", "positive"), ("meh", "negative")]
     two = datasets.Features({"sentence": datasets.Value("string"),
                              "label": datasets.ClassLabel(names=["negative", "positive"])})
     withheld = datasets.Dataset.from_dict({"sentence": ["x", "y"], "label": [-1, -1]}, features=two)
-    assert TASK.read_hub(withheld, "test", 0, 1, {}) is None  # GLUE's test split: left out by the engine
+    assert TASK.read_hub(withheld, "test", Shard(), "hub") is None  # GLUE's test split: left out by the engine
     partly = datasets.Dataset.from_dict({"sentence": ["x", "y"], "label": [1, -1]}, features=two)
     with pytest.raises(HvdftError, match=r"hub\[test\]: row 1: no label"):
-        TASK.read_hub(partly, "test", 0, 1, {})
+        TASK.read_hub(partly, "test", Shard(), "hub")
     plain = datasets.Dataset.from_dict({"content": ["x", "y"], "label": [3, 7]})
-    assert [e["label"] for e in TASK.read_hub(plain, "train", 0, 1, {}).examples] == ["3", "7"]
+    assert [e["label"] for e in TASK.read_hub(plain, "train", Shard(), "hub").examples] == ["3", "7"]
     with pytest.raises(HvdftError, match=r"no column 'h'.*columns: content, label"):
-        TASK.read_hub(plain, "train", 0, 1, {"text_pair_column": "h"})
+        task_with(text_pair_column="h").read_hub(plain, "train", Shard(), "hub")
 
 
 def test_hub_splits_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,7 +273,7 @@ def test_hub_splits_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(dist, name, lambda value=value: value)
     monkeypatch.setattr(dist, "agree", lambda step: step())
     cfg = TrainConfig(task="classify", dataset="glue", dataset_config="sst2")
-    splits = prepare.read_splits(TASK, cfg, ("train", "validation", "test"))
+    splits = prepare.read_splits(TASK, cfg, splits=("train", "validation", "test"))
     assert sorted(splits) == ["train", "validation"]
     assert TASK.sort_labels(TASK.labels(splits["train"])) == ["negative", "positive"]
     assert splits["validation"].examples == [{"text": "meh", "text_pair": None, "label": "negative", "line": None}]
@@ -276,14 +281,14 @@ def test_hub_splits_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unlabelled_inputs(tmp_path: Path) -> None:
     text = write(tmp_path, "in.txt", "first text\n\n  \nsecond, with comma\tand tab\n")
-    split = TASK.read_unlabelled(str(text), 0, 1, {})
+    split = TASK.read_unlabelled(str(text), Shard())
     assert split.total == 2
     assert [(e["text"], e["line"], e["label"]) for e in split.examples] == [
         ("first text", 1, None), ("second, with comma\tand tab", 4, None)]
     table = write(tmp_path, "in.csv", "review,label\nnice,\nawful,\n")  # labels, if any, are ignored
-    assert [e["text"] for e in TASK.read_unlabelled(str(table), 1, 2, {}).examples] == ["awful"]
+    assert [e["text"] for e in TASK.read_unlabelled(str(table), Shard(1, 2)).examples] == ["awful"]
     with pytest.raises(HvdftError, match="nothing to predict"):
-        TASK.read_unlabelled(str(write(tmp_path, "empty.txt", "\n\n")), 0, 1, {})
+        TASK.read_unlabelled(str(write(tmp_path, "empty.txt", "\n\n")), Shard())
 
 
 # ----------------------------------------------------------------------------- features
@@ -292,14 +297,14 @@ def test_unlabelled_inputs(tmp_path: Path) -> None:
 def test_featurize_labels_lengths_truncation(tokenizer) -> None:
     batch = {"text": ["good film", "word " * 100, "bad"], "text_pair": [None, None, None],
              "label": ["1", "0", "7"], "example": [0, 1, 2]}
-    feats = TASK.featurize(batch, tokenizer, {"0": 0, "1": 1}, {"max_length": 16})
+    feats = TASK.featurize(batch, tokenizer, {"0": 0, "1": 1}, 16)
     assert feats["labels"] == [1, 0, -100]  # a label unseen in training is ignored by the loss
     assert feats["example"] == [0, 1, 2]
     assert feats["length"] == [len(ids) for ids in feats["input_ids"]]
     assert len(feats["input_ids"][1]) == 16 and feats["input_ids"][1][-1] == tokenizer.sep_token_id
     assert "token_type_ids" in feats
     unlabelled = dict(batch, label=[None, None, None])
-    assert TASK.featurize(unlabelled, tokenizer, {"0": 0}, {"max_length": 16})["labels"] == [-100] * 3
+    assert TASK.featurize(unlabelled, tokenizer, {"0": 0}, 16)["labels"] == [-100] * 3
 
 
 def test_featurize_without_token_type_ids() -> None:
@@ -308,13 +313,13 @@ def test_featurize_without_token_type_ids() -> None:
             return {"input_ids": [[1] + [5] * len(t.split()) + [2] for t in texts]}
 
     feats = TASK.featurize({"text": ["a b", "c"], "text_pair": [None, None], "label": ["x", "y"], "example": [0, 1]},
-                           Tok(), {"x": 0, "y": 1}, {"max_length": 8})
+                           Tok(), {"x": 0, "y": 1}, 8)
     assert "token_type_ids" not in feats and feats["length"] == [4, 3]
 
 
 def test_predictions_and_merge() -> None:
     logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 1.0, -1.0]])
-    preds = TASK.predictions([{"example": 0}, {"example": 1}], logits)
+    preds = TASK.predictions([{"example": 0}, {"example": 1}], SimpleNamespace(logits=logits), None, None)
     probs = torch.softmax(logits, -1)
     assert [p[0] for p in preds] == [1, 0]
     assert preds[0][1] == pytest.approx(float(probs[0, 1])) and preds[1][1] == pytest.approx(float(probs[1, 0]))
@@ -367,8 +372,8 @@ def test_unseen_gold_labels_are_counted_and_kept(tmp_path: Path) -> None:
 def test_prediction_files_escape_and_keep_order(tmp_path: Path) -> None:
     examples = [{"text": "tab\there", "text_pair": None, "label": "1"},
                 {"text": "new\nline \\ back", "text_pair": None, "label": "0"}]
-    out = tmp_path / "p.tsv"
-    TASK.write_predictions(out, examples, [("0", 0.75), ("0", 0.5)])
+    out = tmp_path / "test_predictions.tsv"
+    TASK.write_predictions(tmp_path, "test", examples, [("0", 0.75), ("0", 0.5)])
     lines = out.read_text(encoding="utf-8").split("\n")
     assert lines[0] == "text\tgold\tpredicted\tprobability" and lines[-1] == ""
     rows = [line.split("\t") for line in lines[1:-1]]
@@ -378,7 +383,7 @@ def test_prediction_files_escape_and_keep_order(tmp_path: Path) -> None:
     TASK.write_unlabelled_predictions(out, examples, [("1", 0.6), ("0", 0.9)])
     assert out.read_text().split("\n")[:2] == ["text\tpredicted\tprobability", "tab\\there\t1\t0.600000"]
     pairs = [{"text": "a", "text_pair": "b", "label": "x"}]
-    TASK.write_predictions(out, pairs, [("x", 1.0)])
+    TASK.write_predictions(tmp_path, "test", pairs, [("x", 1.0)])
     assert out.read_text().split("\n")[:2] == ["text\ttext_pair\tgold\tpredicted\tprobability", "a\tb\tx\tx\t1.000000"]
 
 
@@ -407,13 +412,14 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from hvdft import dist
 from hvdft.data.prepare import tokenize
-from hvdft.evaluate import evaluate
+from hvdft.data.files import Shard
+from hvdft.evaluate import Evaluator
 from hvdft.models import resolve_model
 from hvdft.tasks.classify import ClassifyTask
 
 dist.init()
 task = ClassifyTask()
-split = task.read(sys.argv[1], "validation", dist.rank(), dist.size(), {})
+split = task.read(sys.argv[1], "validation", Shard(dist.rank(), dist.size()))
 labels = ["a", "b", "c"]  # gold also holds "d": unseen in training, scored, ignored by the loss
 path = resolve_model("minilm")
 config = AutoConfig.from_pretrained(path, num_labels=3, id2label=dict(enumerate(labels)),
@@ -424,7 +430,7 @@ torch.nn.init.normal_(model.classifier.weight, std=3.0)
 dist.broadcast_parameters(model)
 tok = AutoTokenizer.from_pretrained(path)
 features = tokenize(task, split, tok, config.label2id, max_length=32, cache_dir=sys.argv[3])
-result = evaluate(task, model, split, features, dict(enumerate(labels)), 4, tok.pad_token_id)
+result = Evaluator(task, model, dict(enumerate(labels)), 4, tok.pad_token_id)(split, features)
 if dist.is_main():
     json.dump({"metrics": result.metrics, "gold": [e["label"] for e in result.examples],
                "texts": [e["text"] for e in result.examples],

@@ -94,7 +94,7 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], str | None]]:
         ("no_tag_column_rank1", base(f, "o3", "no_tag"),
          re.escape(f"{f['no_tag']}:{no_tag_line}: expected 'word ... tag'") + ".*found on rank 1"),
         ("bad_tag_rank1", base(f, "o4", "bad_tag"),
-         re.escape(f"{f['bad_tag']}:{bad_tag_line}: tag 'X-PER' is neither 'O' nor B-/I-/E-/S- prefixed")
+         re.escape(f"{f['bad_tag']}:{bad_tag_line}: tag 'X-PER' fits no tag scheme: hvdft reads")
          + ".*found on rank 1"),
         ("fewer_sentences_than_ranks", base(f, "o5", "one"), r"1 training sentence\(s\) for 2 ranks"),
         ("max_train_samples_1", base(f, "o5b") + ["--max-train-samples", "1"], r"1 training sentence\(s\) for 2 ranks"),

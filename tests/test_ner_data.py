@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
 from conftest import write
 
-from hvdft.data.files import read_lines
+from hvdft.data.files import Shard, read_lines
 from hvdft.errors import HvdftError
-from hvdft.tasks.ner import NerTask, parse_conll, special_frame, to_iob2
+from hvdft.tasks.ner import NerOptions, NerTask, parse_conll, special_frame, to_iob2
 
 TASK = NerTask()
 
 
 def read(path: Path, rank: int = 0, world: int = 1):
-    return TASK.read(str(path), "train", rank, world, {})
+    return TASK.read(str(path), "train", Shard(rank, world))
 
 
 def test_columns_spaces_tabs_and_docstart(tmp_path: Path) -> None:
@@ -33,6 +35,7 @@ def test_columns_spaces_tabs_and_docstart(tmp_path: Path) -> None:
     assert [e["words"] for e in split.examples] == [["EU", "rejects"], ["Peter", "Blackburn"], ["Berlin"]]
     assert [e["tags"] for e in split.examples] == [["B-ORG", "O"], ["B-PER", "I-PER"], ["B-LOC"]]
     assert [e["line"] for e in split.examples] == [3, 7, 10]
+    assert [e["scheme"] for e in split.examples] == ["IOB2"] * 3
 
 
 def test_wnut_style_single_tab_breaks_and_odd_unicode(tmp_path: Path) -> None:
@@ -47,11 +50,13 @@ def test_crlf_and_bom(tmp_path: Path) -> None:
     assert split.examples[0]["tags"] == ["O", "B-X"]
 
 
-def test_iob1_is_converted_to_iob2() -> None:
+def test_every_scheme_is_converted_to_internal_iob2() -> None:
     iob1 = ["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]
     assert to_iob2(iob1) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-ORG"]
     assert to_iob2(["B-PER", "I-PER"]) == ["B-PER", "I-PER"]
-    assert to_iob2(["S-PER", "O", "B-LOC", "E-LOC"]) == ["S-PER", "O", "B-LOC", "E-LOC"]  # IOBES untouched
+    assert to_iob2(["S-PER", "O", "B-LOC", "E-LOC"]) == ["B-PER", "O", "B-LOC", "I-LOC"]
+    assert to_iob2(["U-ORG", "U-ORG", "B-LOC", "I-LOC", "L-LOC"]) == ["B-ORG", "B-ORG", "B-LOC", "I-LOC", "I-LOC"]
+    assert to_iob2(["B", "I", "O", "I"]) == ["B-ENTITY", "I-ENTITY", "O", "B-ENTITY"]
 
 
 def test_missing_tag_column_names_file_and_line(tmp_path: Path) -> None:
@@ -61,8 +66,13 @@ def test_missing_tag_column_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_unknown_tag_scheme_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(HvdftError, match=r"x\.txt:2: tag 'PER' is neither"):
+    accepted = re.escape(": hvdft reads O with B-/I- (IOB1, IOB2), B-/I-/E-/S- (IOBES) or B-/I-/L-/U- (BILUO) tags, "
+                         "typed (B-PER) or untyped (B)")
+    with pytest.raises(HvdftError, match=r"^\S*x\.txt:2: tag 'PER' fits no tag scheme" + accepted + "$"):
         read(write(tmp_path, "x.txt", "A O\nB PER\n"))
+    with pytest.raises(HvdftError, match=r"j\.jsonl:2: tag 'b-PER' fits no tag scheme"):
+        read(write(tmp_path, "j.jsonl",
+                   '{"tokens": ["a"], "ner_tags": ["O"]}\n{"tokens": ["b"], "ner_tags": ["b-PER"]}\n'))
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
@@ -91,7 +101,7 @@ def test_jsonl_and_csv(tmp_path: Path) -> None:
     j = write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
     assert [e["words"] for e in read(j).examples] == [["New", "York"], ["hi"]]
     c = write(tmp_path, "d.csv", 'words,tags\n"New York","B-LOC I-LOC"\nhi,O\n')
-    split = TASK.read(str(c), "train", 0, 1, {"text_column": "words", "label_column": "tags"})
+    split = NerTask(NerOptions(text_column="words", label_column="tags")).read(str(c), "train", Shard())
     assert split.examples[0]["tags"] == ["B-LOC", "I-LOC"]
     with pytest.raises(HvdftError, match=r"d\.csv:2: no column 'tokens'"):
         read(c)
@@ -103,7 +113,7 @@ def test_jsonl_and_csv(tmp_path: Path) -> None:
 def featurize(tokenizer, examples, label2id, max_length=64, label_all=False):
     batch = {"words": [e["words"] for e in examples], "tags": [e["tags"] for e in examples],
              "example": list(range(len(examples)))}
-    return TASK.featurize(batch, tokenizer, label2id, {"max_length": max_length, "label_all_tokens": label_all})
+    return NerTask(NerOptions(label_all_tokens=label_all)).featurize(batch, tokenizer, label2id, max_length)
 
 
 LABELS = {"O": 0, "B-PER": 1, "I-PER": 2}
@@ -146,6 +156,37 @@ def test_long_sentences_are_windowed_not_truncated(tokenizer) -> None:
     assert merged == tags
 
 
+def _capture_transformers_warnings():
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    return records, handler
+
+
+def test_no_false_sequence_length_warning() -> None:
+    from transformers import AutoTokenizer
+
+    from hvdft.models import resolve_model
+
+    words = [f"word{i}" for i in range(600)]  # about 1,800 sub-words, model limit 512
+    records, handler = _capture_transformers_warnings()
+    try:
+        fresh = AutoTokenizer.from_pretrained(resolve_model("minilm"), use_fast=True)  # it warns once per instance
+        out = featurize(fresh, [{"words": words, "tags": ["O"] * 600}], {"O": 0}, max_length=128)
+        assert len(out["input_ids"]) > 10 and max(len(r) for r in out["input_ids"]) <= 128
+        assert not [r for r in records if "sequence length is longer" in r.getMessage()]
+        # the same tokenizer still warns where a sequence really is too long (the check can fail)
+        fresh([words], is_split_into_words=True)
+        assert [r for r in records if "sequence length is longer" in r.getMessage()]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+
 def test_special_frame_is_cls_sep(tokenizer) -> None:
     assert special_frame(tokenizer) == ([tokenizer.cls_token_id], [tokenizer.sep_token_id])
 
@@ -155,7 +196,7 @@ def test_real_corpora_parse_with_published_counts(shared_data: Path) -> None:
         got = tuple(read(shared_data / name / f"{s}.txt").total for s in ("train", "valid", "test"))
         assert got == counts, name
     lines = read_lines(shared_data / "conll2003" / "train.txt")
-    total, ids, examples = parse_conll(lines, "train.txt", 1, 3)
+    total, ids, examples = parse_conll(lines, "train.txt", Shard(1, 3))
     assert total == 14041 and ids[:3] == [1, 4, 7] and len(examples) == len(range(1, 14041, 3))
 
 

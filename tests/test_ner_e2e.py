@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import HOROVODRUN, HVDFT, MPIRUN, run
 
+from hvdft.data.files import Shard
 from hvdft.data.prepare import BUNDLED_DATASETS
 from hvdft.tasks.ner import NerTask
 
@@ -18,7 +19,7 @@ TRAIN_ARGS = ["--model", "minilm", "--dataset", "wnut17", "--max-train-samples",
 
 
 def _first_sentences(path: Path, n: int):
-    split = NerTask().read(str(path), "test", 0, 1, {})
+    split = NerTask().read(str(path), "test", Shard())
     return split.examples[:n]
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from hvdft import dist
 from hvdft.errors import HvdftError
-from hvdft.train import _check_output_dir
+from hvdft.setup import _check_output_dir
 dist.init()
 out, resuming, overwrite = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
 try:

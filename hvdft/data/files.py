@@ -35,9 +35,37 @@ class Split:
     examples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def owns(index: int, rank: int, world: int) -> bool:
-    """Strided sharding: example i belongs to rank i % world."""
-    return index % world == rank
+@dataclass(frozen=True)
+class Shard:
+    """Which examples this rank reads: strided sharding, example i belongs to rank i % world.
+
+    Strided rather than contiguous so that every rank gets examples from the whole file
+    (files are often sorted by length or source).
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def owns(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+
+def hub_rows(dataset: Any, shard: Shard) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(global index, row) of this rank's rows of a Hugging Face dataset."""
+    part = dataset.shard(num_shards=shard.world, index=shard.rank, contiguous=False)
+    return zip(range(shard.rank, len(dataset), shard.world), part, strict=True)
+
+
+def require_columns(columns: list[str], needed: list[tuple[str | None, str]], source: Any, line: int | None) -> None:
+    """Each (column, option) of `needed` is among `columns` (None: not asked for).
+
+    Raises HvdftError "no column 'x' (columns: a, b); use --text-column" at file:line.
+    """
+    for column, option_name in needed:
+        if column is not None and column not in columns:
+            raise HvdftError(
+                f"no column '{column}' (columns: {', '.join(map(str, columns))}); use {option_name}", source, line
+            )
 
 
 def read_lines(path: str | Path, encoding: str = "utf-8") -> list[str]:
@@ -160,7 +188,11 @@ def find_split_files(folder: str | Path) -> dict[str, Path]:
 
 
 def load_hub_dataset(name: str, config: str | None) -> Any:
-    """A Hugging Face Hub dataset (rank 0 downloads first; the others read its cache)."""
+    """A Hugging Face Hub dataset (rank 0 downloads first; the others read its cache).
+
+    Raises HvdftError for a dataset that cannot be loaded, and says what to use instead of
+    a script-based dataset, which `datasets` >= 4 no longer runs.
+    """
     import datasets
 
     from hvdft import dist
@@ -169,12 +201,20 @@ def load_hub_dataset(name: str, config: str | None) -> Any:
         try:
             return datasets.load_dataset(name, config)
         except Exception as exc:  # noqa: BLE001 - any loader failure is a user-facing error
-            raise HvdftError(f"cannot load dataset '{name}': {exc}".splitlines()[0]) from None
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            if "scripts are no longer supported" in first:
+                hint = SCRIPT_DATASET_MIRRORS.get(name)
+                instead = f"use --dataset {hint}, " if hint else "use a Parquet copy of it on the Hub, "
+                raise HvdftError(
+                    f"dataset '{name}' is script-based, which datasets {datasets.__version__} cannot load: "
+                    f"{instead}or download its files and pass --dataset FOLDER or --train-file/--validation-file"
+                ) from None
+            raise HvdftError(f"cannot load dataset '{name}': {first}") from None
 
-    if dist.is_main():
-        ds = dist.agree(load)
-        dist.barrier()
-        return ds
-    dist.agree(lambda: None)
-    dist.barrier()
-    return dist.agree(load)
+    return dist.main_first(load)
+
+
+# Script-based Hub datasets and the Parquet copies that Hugging Face's own examples use now.
+SCRIPT_DATASET_MIRRORS = {
+    "conll2003": "tomaarsen/conll2003",  # transformers' examples/pytorch/token-classification
+}

@@ -64,21 +64,37 @@ class DistributedBatchSampler:
         self.batch_size = batch_size
         self.shuffle, self.group_by_length = shuffle, group_by_length
         self.seed, self.mega_factor = seed, mega_factor
-        self.per_rank = per_rank
+        self.full_per_rank = self.per_rank = per_rank
         self.epoch = 0
         self.skip = 0
+        self.keep: np.ndarray | None = None  # the rows of a partial epoch (see set_epoch)
 
     def __len__(self) -> int:
         return math.ceil(self.per_rank / self.batch_size)
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Select the epoch; `skip_batches` resumes mid-epoch at that batch."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0, keep: Sequence[int] | None = None,
+                  per_rank: int | None = None) -> None:
+        """Select the epoch; `skip_batches` resumes mid-epoch at that batch.
+
+        `keep` (with `per_rank`, the largest count of kept rows over the ranks) restricts
+        the epoch to these local rows: the rest of an epoch that other ranks began, after a
+        resume on a different number of ranks. The kept rows are ordered, grouped and evened
+        out to `per_rank` as a whole epoch's are; `len()` counts the partial epoch's batches.
+        """
         self.epoch, self.skip = epoch, skip_batches
+        if keep is None:
+            self.keep, self.per_rank = None, self.full_per_rank
+            return
+        if per_rank is None or (len(keep) and per_rank < len(keep)):
+            raise ValueError(f"per_rank must cover this rank's {len(keep)} kept rows")
+        self.keep, self.per_rank = np.asarray(keep, dtype=np.int64), per_rank
 
     def batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch, self.rank])
-        n = len(self.lengths)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        rows = self.keep if self.keep is not None else np.arange(len(self.lengths))
+        if len(rows) == 0:  # nothing left here: repeat rows so that this rank keeps step
+            rows = np.arange(len(self.lengths))
+        order = rows[rng.permutation(len(rows))] if self.shuffle else rows
         # Even out: repeat the first few of this epoch's order (cyclically, if a rank
         # holds far fewer rows: long sentences split into windows make shards uneven).
         order = np.resize(order, self.per_rank)

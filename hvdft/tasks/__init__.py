@@ -1,20 +1,34 @@
-"""Tasks plug into the shared loop through the small `Task` interface in `base`."""
+"""Tasks plug into the shared engine through the small `Task` interface in `base`.
+
+A new task is one module here plus one line in TASKS: its CLI command (`hvdft train
+NAME`), options and help are derived from the class.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from hvdft.tasks.base import Task
 
+# name -> "module:class"
+TASKS = {
+    "ner": "hvdft.tasks.ner:NerTask",
+    "classify": "hvdft.tasks.classify:ClassifyTask",
+}
 
-def get_task(name: str) -> Task:
-    if name == "ner":
-        from hvdft.tasks.ner import NerTask
 
-        return NerTask()
-    if name == "classify":
-        from hvdft.tasks.classify import ClassifyTask
+def task_class(name: str) -> type[Task]:
+    """The Task class registered under `name` (ValueError for an unknown one)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
-        return ClassifyTask()
-    raise ValueError(f"unknown task '{name}'")
+
+def get_task(name: str, options: Any = None, encoding: str = "utf-8") -> Task:
+    """An instance of the task `name` with these options (its defaults when None)."""
+    return task_class(name)(options, encoding)
 
 
 def task_of_model(config: object) -> str:

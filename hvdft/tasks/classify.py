@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hvdft.data.files import Split, file_format, iter_table_rows, owns, read_lines
+from hvdft.config import option
+from hvdft.data.files import Shard, Split, file_format, hub_rows, iter_table_rows, require_columns
 from hvdft.errors import HvdftError
 from hvdft.tasks.base import Task
 
@@ -47,53 +49,58 @@ def escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
+@dataclass
+class ClassifyOptions:
+    text_column: str | None = option(None, f"Column with the text [default: the first of {', '.join(TEXT_COLUMNS)}].")
+    text_pair_column: str | None = option(None, "Second text column, for sentence-pair tasks.")
+    label_column: str = option(LABEL_COLUMN, "Column with the labels (strings or integers).")
+
+
 class ClassifyTask(Task):
+    """Text classification (sentiment, topic, intent; single texts or pairs).
+
+    Reads CSV/TSV with a header, JSON lines, a folder with train/validation/test files,
+    or a Hub dataset. Writes the best model, eval/test reports (accuracy, macro and
+    per-class P/R/F1, confusion matrix), test_predictions.tsv and all_results.json.
+    """
+
     name = "classify"
     pipeline = "text-classification"
     metric_names = ("accuracy", "f1_macro")
     default_metric = "accuracy"
+    Options = ClassifyOptions
     predictions_suffix = ".tsv"
 
     # ------------------------------------------------------------------ reading
-    def read(self, source: str, split: str, rank: int, world: int, opts: dict[str, Any]) -> Split:
-        total, ids, examples = self._read_table(source, rank, world, opts, labelled=True)
+    def read(self, source: str, split: str, shard: Shard) -> Split:
+        total, ids, examples = self._read_table(source, shard, labelled=True)
         return Split(split, source, total, ids, examples)
 
-    def read_unlabelled(self, source: str, rank: int, world: int, opts: dict[str, Any]) -> Split:
+    def read_unlabelled(self, source: str, shard: Shard) -> Split:
         """A CSV/TSV/JSON-lines file with the text column, or plain text: one text per line."""
         if file_format(source) != "conll":
-            total, ids, examples = self._read_table(source, rank, world, opts, labelled=False)
-        else:
-            total, ids, examples = 0, [], []
-            for number, line in enumerate(read_lines(source, opts.get("encoding") or "utf-8"), 1):
-                if not line.strip():
-                    continue
-                if owns(total, rank, world):
-                    ids.append(total)
-                    examples.append({"text": line, "text_pair": None, "label": None, "line": number})
-                total += 1
-            if total == 0:
-                raise HvdftError("nothing to predict: the file has no text", source)
-        return Split("predict", source, total, ids, examples)
+            return Split("predict", source, *self._read_table(source, shard, labelled=False))
+        result = self.read_text_lines(source, shard, lambda text, number: {
+            "text": text, "text_pair": None, "label": None, "line": number})
+        if result.total == 0:
+            raise HvdftError("nothing to predict: the file has no text", source)
+        return result
 
-    def _read_table(
-        self, source: str, rank: int, world: int, opts: dict[str, Any], labelled: bool
-    ) -> tuple[int, list[int], list[dict[str, Any]]]:
+    def _read_table(self, source: str, shard: Shard, labelled: bool) -> tuple[int, list[int], list[dict[str, Any]]]:
         fmt = file_format(source)
         if fmt == "conll":
             raise HvdftError(
                 "classification reads .csv, .tsv (with a header row) or .jsonl files", source
             )
-        encoding = opts.get("encoding") or "utf-8"
-        pair_col = opts.get("text_pair_column")
-        label_col = opts.get("label_column") or LABEL_COLUMN
-        text_col: str | None = opts.get("text_column")
+        pair_col = self.options.text_pair_column
+        label_col = self.options.label_column
+        text_col: str | None = self.options.text_column
         total, ids, examples = 0, [], []
-        for line, row in iter_table_rows(source, fmt, encoding):
+        for line, row in iter_table_rows(source, fmt, self.encoding):
             if text_col is None:  # decided on the file's first record: the same on every rank
                 hint = " (the first row of a CSV/TSV file must name the columns)" if fmt != "jsonl" else ""
                 text_col = self._default_text_column(list(row), source, line, hint)
-            if owns(total, rank, world):
+            if shard.owns(total):
                 ids.append(total)
                 examples.append(self._example(row, line, source, text_col, pair_col, label_col, labelled))
             total += 1
@@ -118,16 +125,8 @@ class ClassifyTask(Task):
         row: dict[str, Any], line: int | None, source: Any, text_col: str, pair_col: str | None,
         label_col: str, labelled: bool,
     ) -> dict[str, Any]:
-        needed = [(text_col, "--text-column")]
-        if pair_col:
-            needed.append((pair_col, "--text-pair-column"))
-        if labelled:
-            needed.append((label_col, "--label-column"))
-        for col, option in needed:
-            if col not in row:
-                raise HvdftError(
-                    f"no column '{col}' (columns: {', '.join(map(str, row))}); use {option}", source, line
-                )
+        require_columns(list(row), [(text_col, "--text-column"), (pair_col, "--text-pair-column"),
+                                    (label_col if labelled else None, "--label-column")], source, line)
         texts = []
         for col in [text_col] + ([pair_col] if pair_col else []):
             try:
@@ -149,23 +148,19 @@ class ClassifyTask(Task):
                 raise HvdftError(f"missing label in column '{label_col}'", source, line)
         return {"text": texts[0], "text_pair": texts[1] if pair_col else None, "label": label, "line": line}
 
-    def read_hub(self, dataset: Any, split: str, rank: int, world: int, opts: dict[str, Any]) -> Split | None:
+    def read_hub(self, dataset: Any, split: str, shard: Shard, name: str) -> Split | None:
         columns = list(dataset.column_names)
-        source = f"{opts.get('dataset') or 'hub'}[{split}]"
-        text_col = opts.get("text_column") or self._default_text_column(columns, source, None)
-        pair_col = opts.get("text_pair_column")
-        label_col = opts.get("label_column") or LABEL_COLUMN
-        for col, option in ((text_col, "--text-column"), (pair_col, "--text-pair-column"),
-                            (label_col, "--label-column")):
-            if col and col not in columns:
-                raise HvdftError(f"no column '{col}' (columns: {', '.join(columns)}); use {option}", source)
+        source = f"{name}[{split}]"
+        text_col = self.options.text_column or self._default_text_column(columns, source, None)
+        pair_col = self.options.text_pair_column
+        label_col = self.options.label_column
+        require_columns(columns, [(text_col, "--text-column"), (pair_col, "--text-pair-column"),
+                                  (label_col, "--label-column")], source, None)
         names = getattr(dataset.features[label_col], "names", None)  # a ClassLabel's names
         if names is not None and len(dataset) and all(v is None or v < 0 for v in dataset[label_col]):
             return None  # labels withheld (GLUE's test splits): the engine leaves the split out
-        shard = dataset.shard(num_shards=world, index=rank, contiguous=False)
-        ids = list(range(rank, len(dataset), world))
-        examples = []
-        for gid, row in zip(ids, shard, strict=True):
+        ids, examples = [], []
+        for gid, row in hub_rows(dataset, shard):
             value = row[label_col]
             if names is not None and isinstance(value, int):
                 value = names[value] if 0 <= value < len(names) else None  # -1: unlabelled (GLUE test)
@@ -179,12 +174,10 @@ class ClassifyTask(Task):
             texts = [row[text_col]] + ([row[pair_col]] if pair_col else [])
             if any(not isinstance(t, str) or not t.strip() for t in texts):
                 raise HvdftError(f"{where}: empty text", source)
+            ids.append(gid)
             examples.append({"text": texts[0], "text_pair": texts[1] if pair_col else None,
                              "label": label, "line": None})
         return Split(split, source, len(dataset), ids, examples)
-
-    def labels(self, split: Split) -> set[str]:
-        return set(self.labels_of_examples(split.examples))
 
     def labels_of_examples(self, examples: list[dict[str, Any]]) -> list[str]:
         return [ex["label"] for ex in examples if ex["label"] is not None]
@@ -201,10 +194,10 @@ class ClassifyTask(Task):
         return AutoModelForSequenceClassification
 
     # ------------------------------------------------------------------ features
-    def featurize(self, batch, tokenizer, label2id, opts):
+    def featurize(self, batch, tokenizer, label2id, max_length):
         texts = batch["text"]
         pairs = batch.get("text_pair")
-        kwargs = {"truncation": True, "max_length": opts["max_length"]}
+        kwargs = {"truncation": True, "max_length": max_length}
         if pairs is not None and any(p is not None for p in pairs):
             enc = tokenizer(texts, [p if p is not None else "" for p in pairs], **kwargs)
         else:
@@ -220,8 +213,8 @@ class ClassifyTask(Task):
         return out
 
     # ------------------------------------------------------------------ predictions
-    def predictions(self, rows, logits):
-        probs = torch.softmax(logits.float(), dim=-1)
+    def predictions(self, rows, outputs, batch, model):
+        probs = torch.softmax(outputs.logits.float(), dim=-1)
         best, ids = probs.max(dim=-1)
         return list(zip(ids.cpu().tolist(), best.cpu().tolist(), strict=True))
 
@@ -235,8 +228,9 @@ class ClassifyTask(Task):
         metrics, per_class, classes, matrix = classification_scores(gold, pred, self.sort_labels)
         return metrics, format_report(metrics, per_class, classes, matrix, len(gold))
 
-    def write_predictions(self, path, examples, predictions):
-        _write_tsv(path, examples, predictions, with_gold=True)
+    def write_predictions(self, folder, prefix, examples, predictions):
+        if prefix in self.predictions_for:
+            _write_tsv(folder / f"{prefix}_predictions{self.predictions_suffix}", examples, predictions, with_gold=True)
 
     def write_unlabelled_predictions(self, path, examples, predictions):
         _write_tsv(path, examples, predictions, with_gold=False)

@@ -8,14 +8,15 @@ import torch
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
 from hvdft import dist
+from hvdft.data.files import Shard
 from hvdft.data.prepare import BUNDLED_DATASETS, tokenize
-from hvdft.evaluate import evaluate
+from hvdft.evaluate import Evaluator
 from hvdft.models import resolve_model
 from hvdft.tasks.ner import NerTask
 
 dist.init()
 task = NerTask()
-split = task.read(str(BUNDLED_DATASETS["wnut17"] / "valid.txt"), "validation", dist.rank(), dist.size(), {})
+split = task.read(str(BUNDLED_DATASETS["wnut17"] / "valid.txt"), "validation", Shard(dist.rank(), dist.size()))
 keep = [i for i, gid in enumerate(split.ids) if gid < 61]
 split.ids, split.examples, split.total = [split.ids[i] for i in keep], [split.examples[i] for i in keep], 61
 labels = task.sort_labels({t for ex in split.examples for t in ex["tags"]} | {"B-person", "I-person"})
@@ -29,7 +30,7 @@ torch.nn.init.normal_(model.classifier.weight, std=2.0)  # a head that predicts 
 dist.broadcast_parameters(model)
 tok = AutoTokenizer.from_pretrained(path)
 features = tokenize(task, split, tok, config.label2id, max_length=24)  # small windows: merging is exercised
-result = evaluate(task, model, split, features, dict(enumerate(labels)), 8, tok.pad_token_id)
+result = Evaluator(task, model, dict(enumerate(labels)), 8, tok.pad_token_id)(split, features)
 if dist.is_main():
     json.dump({"metrics": result.metrics, "gold": [e["tags"] for e in result.examples],
                "predictions": result.predictions, "report": result.report}, open(sys.argv[1], "w"))
