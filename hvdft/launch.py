@@ -27,11 +27,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -88,6 +89,10 @@ class LaunchRequest:
     min_np: int = 1
     restart_backoff: float = 5.0
     output_dir: str | None = None
+    elastic: bool = False
+    max_np: int | None = None
+    host_discovery_script: str | None = None
+    gloo_timeout_seconds: int = 60
 
 
 @dataclass
@@ -112,6 +117,7 @@ class Plan:
     extra_env: list[str]
     network_interface: str | None
     launcher_args: list[str]
+    elastic_args: list[str] = field(default_factory=list)  # horovodrun's elastic options (hosts come from them)
 
     @property
     def program(self) -> list[str]:
@@ -125,12 +131,12 @@ class Plan:
             launcher=self.launcher,
             controller=self.controller,
             np=self.np,
-            hosts=self.hosts.hosts if self.hosts else None,
-            hostfile=self.hostfile,
+            hosts=self.hosts.hosts if self.hosts and not self.elastic_args else None,
+            hostfile=None if self.elastic_args else self.hostfile,
             env=self.env,
             extra_env=self.extra_env,
             network_interface=self.network_interface,
-            launcher_args=self.launcher_args,
+            launcher_args=[*self.elastic_args, *self.launcher_args],
             is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
             local_slots=local_core_count(),
             executable=venv_tool("horovodrun") if self.launcher == "horovodrun" else None,
@@ -404,8 +410,58 @@ def plan(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[Plan, list[str
         network_interface=req.network_interface,
         launcher_args=_split_launcher_args(req.launcher_args),
     )
+    if req.elastic:
+        _make_elastic(found, req)
     found.argv()  # every combination error (-np, slots, controller) before anything else
     return found, stripped
+
+
+# Hosts that failed come back after a cooldown (seconds, min and max) instead of never.
+ELASTIC_COOLDOWN = ("10", "300")
+
+
+def _make_elastic(p: Plan, req: LaunchRequest) -> None:
+    """horovodrun's elastic mode: hosts from a discovery script (the user's, or one that
+    re-reads --hostfile at every call, or lists -H), between --min-np and --max-np ranks.
+
+    The Gloo timeout is also how long a rank waits in the re-rendezvous after a reset for
+    a new peer to start; Horovod aborts the rank when it runs out (measured here: up to
+    17 s for a new worker to reach it), hence 60 s rather than Horovod's 30.
+    """
+    if p.launcher != "horovodrun" or p.controller != "gloo":
+        raise HvdftError("--elastic runs horovodrun's Gloo controller: it cannot be combined with --mpi")
+    script = req.host_discovery_script
+    if script is None and p.hosts is None:
+        raise HvdftError("--elastic needs --host-discovery-script, --hostfile or -H (on one machine, two names "
+                         "for it: -H localhost:1,127.0.0.1:1, since a failed worker takes its host name out)")
+    if script is None:
+        script = str(_discovery_script(req.hostfile, p.hosts))
+    slots = sum(n for _, n in p.hosts.hosts) if p.hosts else None
+    max_np = req.max_np or slots or p.np or req.min_np
+    if req.min_np > max_np:
+        raise HvdftError(f"--min-np {req.min_np} is more than --max-np {max_np}")
+    p.np = p.np or max_np
+    p.elastic_args = ["--min-np", str(req.min_np), "--max-np", str(max_np), "--host-discovery-script", script,
+                      "--gloo-timeout-seconds", str(req.gloo_timeout_seconds),
+                      "--blacklist-cooldown-range", *ELASTIC_COOLDOWN]
+
+
+def _discovery_script(hostfile: str | None, hosts: HostList | None) -> Path:
+    """A host discovery script: `host:slots` lines of the hostfile (read again at every
+    call, so editing the file adds or removes hosts during the job), or of -H."""
+    folder = Path(tempfile.mkdtemp(prefix="hvdft-elastic-"))
+    script = folder / "discover-hosts.sh"
+    if hostfile:
+        body = ("awk '{sub(/#.*/, \"\"); if (NF == 0) next; h = $1; n = 1;"
+                " if (h ~ /:/) { split(h, a, \":\"); h = a[1]; n = a[2] }"
+                " for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { split($i, b, \"=\"); n = b[2] }"
+                f" print h \":\" n }}' {shlex.quote(str(Path(hostfile).resolve()))}\n")
+    else:
+        assert hosts is not None
+        body = "".join(f"echo {shlex.quote(f'{name}:{n}')}\n" for name, n in hosts.hosts)
+    script.write_text("#!/bin/sh\n# written by hvdft launch --elastic\n" + body)
+    script.chmod(0o755)
+    return script
 
 
 def check_plan(p: Plan, req: LaunchRequest) -> None:
@@ -425,6 +481,9 @@ def check_plan(p: Plan, req: LaunchRequest) -> None:
         raise HvdftError(f"--exec: '{p.program[0]}' is not on PATH (nor a path to a program)")
     if p.launcher == "horovodrun" and not all(local) and shutil.which("ssh", path=path) is None:
         raise HvdftError("horovodrun reaches other hosts through ssh, which is not on PATH")
+    script = p.elastic_args[p.elastic_args.index("--host-discovery-script") + 1] if p.elastic_args else None
+    if script and not os.access(script, os.X_OK):
+        raise HvdftError("--host-discovery-script: not an executable file", script)
     if p.network_interface and any(local):
         hostlib.check_interface(p.network_interface, loopback_only=p.launcher == "horovodrun" and all(local))
 
@@ -874,6 +933,26 @@ def run_request(req: LaunchRequest) -> int:
     default=5.0,
     show_default=True,
     help="Seconds before the first restart; doubled for each further one (at most 300).",
+)
+@click.option(
+    "--elastic",
+    is_flag=True,
+    help="Elastic Horovod: ranks that fail or leave are survived, hosts that join are used "
+    "(horovodrun --min-np/--max-np with a host discovery script; Gloo).",
+)
+@click.option("--max-np", type=int, default=None, help="--elastic: most ranks [default: the host list's slots].")
+@click.option(
+    "--host-discovery-script",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="--elastic: a program printing 'host:slots' lines [default: one that re-reads --hostfile, or -H].",
+)
+@click.option(
+    "--gloo-timeout-seconds",
+    type=int,
+    default=60,
+    show_default=True,
+    help="--elastic: how long a rank waits for a silent peer, and for new peers after a reset.",
 )
 @click.option(
     "--output-dir",

@@ -83,3 +83,22 @@ def test_a_killed_worker_is_survived_and_every_example_used_once(tmp_path: Path)
     first_after = min(e["time"] for e in kept if e["step"] == COMMIT + 1)
     print(f"elastic recovery: {first_after - killed:.1f} s (whole run {time.time() - started:.0f} s)")
     assert first_after - killed < 120
+
+
+def test_hvdft_launch_elastic_survives_a_killed_worker(tmp_path: Path) -> None:
+    """The same through the front door: `hvdft launch --elastic -H a,b` writes the discovery
+    script and horovodrun's elastic options; the job ends 0 with one summary, no traceback."""
+    make_tiny_model(tmp_path / "tiny")
+    write_conll(tmp_path / "train.txt", sentences(N, seed=23))
+    out = tmp_path / "out"
+    cmd = [str(BIN / "hvdft"), "launch", "--elastic", "-H", "localhost:1,127.0.0.1:1", "--min-np", "1",
+           "--env", "HVDFT_FAULT", "--", "train", "ner", "--model", str(tmp_path / "tiny"),
+           "--train-file", str(tmp_path / "train.txt"), "--epochs", "1", "--batch-size", str(B), "--max-length", "32",
+           "--commit-every", str(COMMIT), "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)]
+    fault = f"rank=1,step={KILL},kind=kill,once={tmp_path / 'fired'}"
+    result = run_ok(cmd, timeout=900, env=job_env(HVDFT_FAULT=fault))
+    assert "--min-np 1 --max-np 2 --host-discovery-script" in result.output
+    assert "hvdft: elastic reset: a rank failed" in result.output, result.describe()
+    assert "Traceback" not in result.output
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["world_size"] == 1 and results["train_steps"] == COMMIT + math.ceil((N - COMMIT * 2 * B) / B)
