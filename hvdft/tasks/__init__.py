@@ -15,6 +15,7 @@ from hvdft.tasks.base import Task
 TASKS = {
     "ner": "hvdft.tasks.ner:NerTask",
     "classify": "hvdft.tasks.classify:ClassifyTask",
+    "seq2seq": "hvdft.tasks.seq2seq:Seq2seqTask",
 }
 
 

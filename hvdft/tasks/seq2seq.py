@@ -34,38 +34,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from hvdft.data.files import Split, file_format, iter_table_rows, read_lines
+from hvdft.config import option, validate_fields
+from hvdft.data.files import Shard, Split, file_format, iter_table_rows, read_lines
 from hvdft.errors import HvdftError
 from hvdft.tasks.base import Task
 from hvdft.tasks.classify import escape
-
-try:  # the reshaped engine's strided shard (hvdft/data/files.py)
-    from hvdft.data.files import Shard
-except ImportError:  # until the engine reshape (issue 11) lands: the same contract
-
-    @dataclass
-    class Shard:  # type: ignore[no-redef]
-        rank: int = 0
-        world: int = 1
-
-        def owns(self, index: int) -> bool:
-            """Strided sharding: example i belongs to rank i % world."""
-            return index % self.world == self.rank
-
-
-try:  # the reshaped engine turns option() fields into Click options
-    from hvdft.config import option
-except ImportError:  # until then: a dataclass field carrying its help text
-
-    def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - Click's own name
-        return field(default=default, metadata={"help": help, **extra})
-
 
 SOURCE_COLUMNS = ("source", "src", "input", "text", "document", "article", "dialogue", "context", "question")
 TARGET_COLUMNS = ("target", "tgt", "output", "summary", "highlights", "abstract", "response", "answer")
@@ -90,50 +69,43 @@ LANG_CODE = re.compile(r"^(__[a-z]{2,3}__|[a-z]{2,3}_[A-Za-z]{2,4})$")  # fr_XX,
 class Seq2seqOptions:
     """`hvdft train seq2seq` / `hvdft predict` options of this task (None: decided as each help says)."""
 
-    source_column: str | None = option(None, "Column holding the source text (default: the first present of "
-                                             + ", ".join(SOURCE_COLUMNS) + "; pair files: 0).")
-    target_column: str | None = option(None, "Column holding the target text (default: the first present of "
-                                             + ", ".join(TARGET_COLUMNS) + "; pair files: 1).")
+    source_column: str | None = option(None, "Column holding the source text [default: the first present of "
+                                             + ", ".join(SOURCE_COLUMNS) + "; pair files: 0].")
+    target_column: str | None = option(None, "Column holding the target text [default: the first present of "
+                                             + ", ".join(TARGET_COLUMNS) + "; pair files: 1].")
     source_lang: str | None = option(None, "Source language: the key in {'translation': {...}} rows, a column "
                                            "of an <a>-<b>.txt pair file, and mBART/NLLB's source language.")
     target_lang: str | None = option(None, "Target language (as --source-lang).")
     source_prefix: str | None = option(None, "Text put before every source, e.g. T5's 'translate French to "
-                                             "English: ' (default: none, or what the model was trained with).")
-    turns_column: str | None = option(None, "Dialogue files: the column holding the list of turns (default: "
-                                            + ", ".join(TURNS_COLUMNS) + " when it holds a list).")
+                                             "English: ' [default: none, or what the model was trained with].")
+    turns_column: str | None = option(None, "Dialogue files: the column holding the list of turns [default: "
+                                            + ", ".join(TURNS_COLUMNS) + " when it holds a list].")
     context_turns: int | None = option(None, "Dialogue files: how many turns before a response make its "
-                                             "source (0: all earlier turns; default 0).")
+                                             "source, 0 = all earlier turns [default: 0].", at_least=0)
     turn_separator: str | None = option(None, f"Dialogue files: what joins the context turns "
-                                              f"(default {DEFAULT_SEPARATOR!r}).")
-    max_source_length: int | None = option(None, "Source tokens kept (default: the model's limit); longer "
-                                                 "sources are cut and counted.")
-    max_target_length: int | None = option(None, f"Target tokens kept, eos included (default "
-                                                 f"{DEFAULT_TARGET_LENGTH}); longer targets are cut and counted.")
+                                              f"[default: {DEFAULT_SEPARATOR!r}].")
+    max_source_length: int | None = option(None, "Source tokens kept; longer sources are cut and counted "
+                                                 "[default: --max-length, else the model's limit].", at_least=1)
+    max_target_length: int | None = option(None, "Target tokens kept, eos included; longer targets are cut and "
+                                                 f"counted [default: {DEFAULT_TARGET_LENGTH}].", at_least=1)
     label_smoothing: float = option(0.0, "Label smoothing of the token cross-entropy (as torch's "
-                                         "cross_entropy(label_smoothing=...)).")
-    num_beams: int | None = option(None, "Beam size for generation (default 4, or the trained model's).")
-    max_new_tokens: int | None = option(None, "Most tokens generated per output (default: --max-target-length, "
-                                              "or the trained model's).")
-    length_penalty: float | None = option(None, "Beam-search length penalty (default 1.0, or the trained model's).")
-    no_repeat_ngram_size: int | None = option(None, "Never repeat an n-gram of this size (default 0: off, or "
-                                                    "the trained model's).")
-    lowercase_scores: bool | None = option(None, "Case-insensitive BLEU/chrF (default: on when the tokenizer "
-                                                 "lowercases, as uncased MiniLM does).")
-    bleu_tokenize: str | None = option(None, "SacreBLEU tokenizer (default 13a; zh, ja-mecab, intl, ...).")
-    rouge_stemmer: bool | None = option(None, "Porter stemming in ROUGE (rouge-score's use_stemmer; default on).")
+                                         "cross_entropy(label_smoothing=...)).", at_least=0, below=1)
+    num_beams: int | None = option(None, "Beam size for generation [default: 4].", at_least=1)
+    max_new_tokens: int | None = option(None, "Most tokens generated per output [default: --max-target-length].",
+                                        at_least=1)
+    length_penalty: float | None = option(None, "Beam-search length penalty [default: 1.0].")
+    no_repeat_ngram_size: int | None = option(None, "Never repeat an n-gram of this size, 0 = off [default: 0].",
+                                              at_least=0)
+    lowercase_scores: bool | None = option(None, "Case-insensitive BLEU/chrF [default: on when the tokenizer "
+                                                 "lowercases, as uncased MiniLM does].")
+    bleu_tokenize: str | None = option(None, "SacreBLEU tokenizer: 13a, intl, zh, ja-mecab, ... [default: 13a].")
+    rouge_stemmer: bool | None = option(None, "Porter stemming in ROUGE (rouge-score's use_stemmer) [default: on].")
 
     def validate(self) -> None:
-        """One-line HvdftError for a value out of range."""
-        for name in ("max_source_length", "max_target_length", "num_beams", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise HvdftError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("context_turns", "no_repeat_ngram_size"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise HvdftError(f"--{name.replace('_', '-')} must not be negative, got {value}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise HvdftError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        """One-line HvdftError for a value out of range, an unknown SacreBLEU tokenizer (or one whose
+        extra package is missing), or the same source and target language. The engine calls it
+        with the other option checks, before Horovod starts."""
+        validate_fields(self)
         if self.bleu_tokenize is not None:
             from sacrebleu.metrics import BLEU
             from sacrebleu.metrics import bleu as bleu_module
@@ -531,12 +503,34 @@ def set_language_codes(tokenizer: Any, source_lang: str | None, target_lang: str
     return src, tgt
 
 
-def warm_start_model(path: str, plan: ModelPlan, **load_kwargs: Any) -> Any:
-    """EncoderDecoderModel with both halves from one encoder checkpoint; ids set in config and generation."""
+def warm_start_model(path: str, plan: ModelPlan, config: Any = None, **load_kwargs: Any) -> Any:
+    """EncoderDecoderModel with both halves from one encoder checkpoint; ids set in config and generation.
+
+    `config` (the checkpoint's, as the engine adjusted it: e.g. --no-dropout) is copied for the
+    encoder and, with is_decoder and add_cross_attention set, for the decoder; None: the
+    checkpoint's own.
+    """
+    import copy
+
     from transformers import EncoderDecoderModel
 
     kwargs = {f"{half}_{k}": v for k, v in load_kwargs.items() for half in ("encoder", "decoder")}
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, **kwargs)
+    if config is not None:
+        encoder, decoder = copy.deepcopy(config), copy.deepcopy(config)
+        encoder.is_decoder, encoder.add_cross_attention = False, False
+        decoder.is_decoder, decoder.add_cross_attention = True, True
+        kwargs.update(encoder_config=encoder, decoder_config=decoder)
+    from transformers.utils import logging as hf_logging
+
+    # transformers' load report lists the cross-attention and LM-head transform as missing and
+    # calls the checkpoint "corrupted" for the LM head's tied bias: both are what warm-starting
+    # means (the run header says so), and a warning every run would teach users to ignore them.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(previous)
     model.config.decoder_start_token_id = plan.decoder_start_token_id
     model.config.eos_token_id = plan.eos_token_id
     model.config.pad_token_id = plan.pad_token_id
@@ -663,13 +657,11 @@ def featurize_pairs(
     }
 
 
-def truncation_summary(split: str, features: dict[str, list], max_source_length: int, max_target_length: int) -> str:
-    """One line for the run header: how many sources and targets were cut (never silent)."""
-    rows = len(features.get("input_ids", []))
-    src = sum(features.get("source_truncated", []))
-    tgt = sum(features.get("target_truncated", []))
-    return (f"{split}: {src} of {rows} sources cut to --max-source-length {max_source_length}, "
-            f"{tgt} targets cut to --max-target-length {max_target_length}")
+def truncation_summary(source: str, counts: dict[str, int], max_source_length: int, max_target_length: int) -> str:
+    """The warning line for what featurizing cut (`counts`: count_features' keys, summed over ranks)."""
+    return (f"{source}: {counts.get('source_truncated', 0)} of {counts.get('sources', 0)} sources cut to "
+            f"--max-source-length {max_source_length}, {counts.get('target_truncated', 0)} targets cut to "
+            f"--max-target-length {max_target_length}")
 
 
 # ============================================================================ loss
@@ -758,8 +750,12 @@ def corpus_scores(hypotheses: list[str], references: list[str], lowercase: bool 
     rouge-score's tokenizer keeps [a-z0-9] only (lowercased): ROUGE is for English text. rougeLsum
     splits summaries into sentences at newlines (no NLTK sentence splitting).
     """
+    import logging
+
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU, CHRF
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." at INFO
 
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
@@ -813,14 +809,15 @@ def unescape(cell: str) -> str:
 
 
 class Seq2seqTask(Task):
-    """Translation, summarization and dialogue responses on AutoModelForSeq2SeqLM / EncoderDecoderModel.
+    """Sequence-to-sequence fine-tuning: translation, summarization, dialogue responses.
 
-    Call order the engine must keep: configure(config, tokenizer) -> read / read_hub /
-    read_unlabelled -> featurize -> build_model (training) -> loss / predictions -> score /
-    writers. configure comes first because a trained model's stored settings (context window,
-    turn separator, source prefix, length limits) decide how `hvdft predict` builds its inputs;
-    in training they are the options and hvdft's defaults, so reading first changes nothing
-    unless the checkpoint is itself an hvdft seq2seq output.
+    AutoModelForSeq2SeqLM checkpoints (T5, BART, Marian, mBART, ...), or an encoder-decoder
+    warm-started from an encoder-only checkpoint (--model minilm, a BERT folder) for both
+    halves. Teacher-forced training; evaluation by generation (--num-beams, --max-new-tokens,
+    --length-penalty, --no-repeat-ngram-size: one set of settings, saved with the model, for
+    validation, test and hvdft predict), scored with SacreBLEU (BLEU, chrF) and rouge-score
+    (ROUGE-1/2/L/Lsum). The best model is chosen by BLEU for translation and dialogue, by
+    ROUGE-L for summarization (a summary/highlights/abstract target column), unless --metric.
     """
 
     name: ClassVar[str] = "seq2seq"
@@ -829,17 +826,17 @@ class Seq2seqTask(Task):
     # "summarization"/"translation"): AutoModelForSeq2SeqLM + model.generate() load and run it.
     pipeline: ClassVar[str] = "text2text-generation"
     metric_names: ClassVar[tuple[str, ...]] = METRICS
-    default_metric: str = "bleu"  # per use, once the training data is read (see Layout.use)
+    default_metric: str = "bleu"  # decided by the training data's use when it is read (see Layout.use)
+    default_metric_text: ClassVar[str] = "bleu; rougeL for summarization"  # --help's [default: ...]
     Options: ClassVar[type] = Seq2seqOptions
     has_labels: ClassVar[bool] = False
+    needs_fast_tokenizer: ClassVar[bool] = False  # no word alignment: Marian's SentencePiece tokenizer will do
     model_inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
     targets: ClassVar[dict[str, int]] = {"labels": -100}
-    predictions_suffix: ClassVar[str] = ".tsv"
 
-    def __init__(self, options: Seq2seqOptions | None = None, encoding: str = "utf-8"):
-        self.options = options or Seq2seqOptions()
+    def __init__(self, options: Seq2seqOptions | None = None, encoding: str = "utf-8") -> None:
+        super().__init__(options, encoding)
         self.options.validate()
-        self.encoding = encoding
         self.settings = resolve_settings(self.options)
         self.use: str | None = None
         self.tokenizer: Any = None
@@ -877,39 +874,30 @@ class Seq2seqTask(Task):
         part, _ = read_pairs(source, shard, self.options, self.encoding, False, self.settings)
         return part
 
-    # ------------------------------------------------------------------ labels (none)
-    def labels(self, split: Split) -> set[str]:
-        return set()
-
-    def labels_of_examples(self, examples: list[dict[str, Any]]) -> list[str]:
-        return []
-
-    def sort_labels(self, labels: set[str]) -> list[str]:
-        return sorted(labels)
-
     # ------------------------------------------------------------------ model
     def model_class(self) -> Any:
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM
 
-    def prepare_tokenizer(self, tokenizer: Any) -> None:
-        """Keep the tokenizer (generation decodes with it); mBART-like: set the language codes."""
+    def prepare(self, model_config: Any, tokenizer: Any, max_length: int) -> None:
+        """Decide the model plan and the settings in force, before any data is read.
+
+        `model_config`: the checkpoint's (training) or the trained model's (hvdft predict/eval:
+        its stored `hvdft_seq2seq` settings are the defaults, options given on the command
+        line win; so predict builds dialogue contexts with the trained window). `max_length`:
+        the engine's --max-length (else the model's limit), the source limit unless
+        --max-source-length. Raises HvdftError for a checkpoint that is neither seq2seq nor
+        an encoder to warm-start from, or limits the model cannot hold.
+        """
+        self.settings = resolve_settings(self.options, getattr(model_config, "hvdft_seq2seq", None))
         self.tokenizer = tokenizer
         set_language_codes(tokenizer, self.settings["source_lang"], self.settings["target_lang"])
-
-    def configure(self, config: Any, tokenizer: Any, max_length: int | None = None) -> list[str]:
-        """Decide the model plan and the settings in force; returns lines for the run header.
-
-        `config`: the checkpoint's (training) or the trained model's (predict: its stored
-        `hvdft_seq2seq` settings are the defaults, options given on the command line win).
-        `max_length`: the engine's limit for sources (the model's position limit).
-        """
-        self.settings = resolve_settings(self.options, getattr(config, "hvdft_seq2seq", None))
-        self.prepare_tokenizer(tokenizer)
-        self.plan = plan_model(config, tokenizer)
-        limit = max_length or getattr(tokenizer, "model_max_length", None) or 512
-        self.max_source_length = self.settings["max_source_length"] or min(limit, 1024)
+        self.plan = plan_model(model_config, tokenizer)
+        given = self.settings["max_source_length"]
+        if given is not None and given > max_length:
+            raise HvdftError(f"--max-source-length {given} is over the model's limit of {max_length} tokens")
+        self.max_source_length = given or max_length
         if self.plan.decoder_positions and self.settings["max_target_length"] >= self.plan.decoder_positions:
             raise HvdftError(f"--max-target-length {self.settings['max_target_length']} does not fit the "
                              f"decoder's {self.plan.decoder_positions} positions")
@@ -917,11 +905,55 @@ class Seq2seqTask(Task):
             self.settings["lowercase_scores"] = bool(getattr(tokenizer, "do_lower_case", False))
         self.lowercase = self.settings["lowercase_scores"]
         self._model_path = getattr(tokenizer, "name_or_path", "") or "?"
-        return self.header_lines()
 
-    def header_lines(self, model: Any = None) -> list[str]:
-        """The run header's seq2seq lines: the model plan, scoring settings, the use and default
-        metric (once the training split is read) and, given the model, its generation settings."""
+    def cache_key(self) -> str:
+        """What the features depend on beyond the options, tokenizer and code: the settings
+        resolved in `prepare` (a trained model's stored ones in predict), the source limit and
+        the decoder start token dropped from targets."""
+        return json.dumps({"settings": self.settings, "max_source_length": self.max_source_length,
+                           "drop_first": self._drop_first()}, sort_keys=True)
+
+    def _drop_first(self) -> int | None:
+        return self.plan.decoder_start_token_id if self.plan is not None else None
+
+    def _ready(self) -> ModelPlan:
+        if self.plan is None:
+            raise RuntimeError("Seq2seqTask.prepare(model_config, tokenizer, max_length) must run first")
+        return self.plan
+
+    def build_model(self, path: str, config: Any, tokenizer: Any, **load_kwargs: Any) -> Any:
+        """The model to train, with its generation settings and input settings written into it.
+
+        A warm-started encoder-decoder gets `config` (the engine's: dropout, hvdft_task) for
+        its encoder and, with is_decoder and cross-attention, for its decoder.
+        """
+        plan = self._ready()
+        if plan.kind == "warm-start":
+            model = warm_start_model(path, plan, config, **load_kwargs)
+        else:
+            model = self.model_class().from_pretrained(path, config=config, **load_kwargs)
+        model.config.hvdft_task = self.name
+        generation = training_generation(self.options, self.settings["max_target_length"])
+        if plan.decoder_positions and generation["max_new_tokens"] >= plan.decoder_positions:
+            raise HvdftError(f"--max-new-tokens {generation['max_new_tokens']} does not fit the decoder's "
+                             f"{plan.decoder_positions} positions")
+        src, tgt = set_language_codes(tokenizer, self.settings["source_lang"], self.settings["target_lang"])
+        if tgt is not None:  # multilingual decoders are told the target language (run_translation.py)
+            lang_id = tokenizer.convert_tokens_to_ids(tgt)
+            model.generation_config.forced_bos_token_id = lang_id
+            if model.config.decoder_start_token_id is None:
+                model.config.decoder_start_token_id = lang_id
+        apply_generation(model, generation, plan)
+        stored = dict(self.settings)
+        stored["max_source_length"] = self.max_source_length
+        model.config.hvdft_seq2seq = stored
+        if self.settings["source_prefix"]:
+            model.config.prefix = self.settings["source_prefix"]  # what transformers 4.x pipelines put before inputs
+        return model
+
+    def describe(self, model: Any) -> list[str]:
+        """The run header's lines: how the model was assembled, scoring settings, the use and
+        default metric (from the training data) and the generation settings in force."""
         lines = []
         if self.plan is not None:
             lines.append(self.plan.header(self._model_path, self.tokenizer))
@@ -932,72 +964,47 @@ class Seq2seqTask(Task):
         lines.append(f"scores: BLEU/chrF {case}{why}, BLEU tokenizer {self.settings['bleu_tokenize']}; "
                      f"ROUGE use_stemmer={self.settings['rouge_stemmer']}")
         if self.use is not None:
-            lines.append(f"use: {self.use}: best model by {self.default_metric} unless --metric says otherwise")
+            lines.append(f"data: {self.use}, default metric {self.default_metric} (--metric chooses another)")
         if model is not None:
             lines.append(self.generation_header(model))
         return lines
 
-    def build_model(self, path: str, config: Any, tokenizer: Any, **load_kwargs: Any) -> Any:
-        """The model to train, its generation settings and input settings written into it."""
-        if self.plan is None:
-            self.configure(config, tokenizer)
-        assert self.plan is not None
-        if self.plan.kind == "warm-start":
-            model = warm_start_model(path, self.plan, **load_kwargs)
-        else:
-            model = self.model_class().from_pretrained(path, config=config, **load_kwargs)
-        generation = training_generation(self.options, self.settings["max_target_length"])
-        if self.plan.decoder_positions and generation["max_new_tokens"] >= self.plan.decoder_positions:
-            raise HvdftError(f"--max-new-tokens {generation['max_new_tokens']} does not fit the decoder's "
-                             f"{self.plan.decoder_positions} positions")
-        src, tgt = set_language_codes(tokenizer, self.settings["source_lang"], self.settings["target_lang"])
-        if tgt is not None:  # multilingual decoders are told the target language (run_translation.py)
-            lang_id = tokenizer.convert_tokens_to_ids(tgt)
-            model.generation_config.forced_bos_token_id = lang_id
-            if model.config.decoder_start_token_id is None:
-                model.config.decoder_start_token_id = lang_id
-        apply_generation(model, generation, self.plan)
-        stored = dict(self.settings)
-        stored["max_source_length"] = self.max_source_length
-        model.config.hvdft_seq2seq = stored
-        if self.settings["source_prefix"]:
-            model.config.prefix = self.settings["source_prefix"]  # what transformers 4.x pipelines put before inputs
-        return model
-
     def generation_header(self, model: Any) -> str:
         """The generation settings in force (explicit options applied first, as predictions() does)."""
-        self._apply_overrides(model)
+        self.apply_overrides(model)
         values = generation_values(getattr(model, "module", model).generation_config)
         text = " ".join(f"{k}={v}" for k, v in values.items())
         return f"generation: {text} (generation_config.json: evaluation, test and hvdft predict use these)"
 
-    def _apply_overrides(self, model: Any) -> None:
+    def apply_overrides(self, model: Any) -> None:
         """Generation options given on this command line replace the model's stored ones (hvdft
-        predict); in training they are already in the model (build_model), so this changes nothing."""
+        predict/eval); in training they are already in the model (build_model): no change."""
         given = {k: getattr(self.options, k) for k in GENERATION_KEYS if getattr(self.options, k) is not None}
         if given:
             apply_generation(getattr(model, "module", model), given)
 
-    def cache_key(self) -> str:
-        """What featurize's output depends on besides the examples and tokenizer (for the engine's cache)."""
-        return json.dumps({"settings": self.settings, "max_source_length": self.max_source_length,
-                           "drop_first": self._drop_first()}, sort_keys=True)
-
-    def _drop_first(self) -> int | None:
-        return self.plan.decoder_start_token_id if self.plan is not None else None
-
     # ------------------------------------------------------------------ features
     def featurize(self, batch: dict[str, list], tokenizer: Any, label2id: dict[str, int], max_length: int,
                   ) -> dict[str, list]:
-        """See featurize_pairs; `max_length` (the engine's) is the source limit unless --max-source-length."""
-        if self.plan is None:
-            raise RuntimeError("Seq2seqTask.configure(config, tokenizer) must run before featurize")
+        """See featurize_pairs; the source limit is the one `prepare` decided."""
+        self._ready()
         return featurize_pairs(batch, tokenizer, self.max_source_length or max_length,
                                self.settings["max_target_length"], self.settings["source_prefix"],
                                self._drop_first())
 
-    def truncation_line(self, split: str, features: dict[str, list]) -> str:
-        return truncation_summary(split, features, self.max_source_length or 0, self.settings["max_target_length"])
+    def count_features(self, features: dict[str, list]) -> dict[str, int]:
+        """This rank's truncated sources and targets (the engine sums them over the ranks)."""
+        return {"sources": len(features.get("input_ids", [])),
+                "source_truncated": int(sum(features.get("source_truncated", []))),
+                "target_truncated": int(sum(features.get("target_truncated", [])))}
+
+    def describe_counts(self, split: Split, counts: dict[str, int], max_length: int) -> str:
+        """One warning line when anything was cut (never silent); nothing otherwise."""
+        src, tgt = counts.get("source_truncated", 0), counts.get("target_truncated", 0)
+        if not src and not tgt:
+            return ""
+        return truncation_summary(split.source, counts, self.max_source_length or max_length,
+                                  self.settings["max_target_length"])
 
     # ------------------------------------------------------------------ the step
     def target_count(self, batch: Any) -> int:
@@ -1008,12 +1015,16 @@ class Seq2seqTask(Task):
         return seq2seq_loss(model, batch.inputs["input_ids"], batch.inputs["attention_mask"],
                             batch.targets["labels"], self.options.label_smoothing)
 
+    def forward(self, model: Any, batch: Any) -> Any:
+        """hvdft predict: no teacher-forced pass (there are no targets); `predictions` generates."""
+        return None
+
     # ------------------------------------------------------------------ evaluation
     def predictions(self, rows: list[dict], outputs: Any, batch: Any, model: Any) -> list[tuple[str, bool]]:
         """(text, cut) per row, generated with the model's generation_config (see apply_generation)."""
         if self.tokenizer is None:
-            raise RuntimeError("Seq2seqTask.configure(config, tokenizer) must run before predictions")
-        self._apply_overrides(model)
+            raise RuntimeError("Seq2seqTask.prepare(model_config, tokenizer, max_length) must run first")
+        self.apply_overrides(model)
         return generate(model, self.tokenizer, batch.inputs["input_ids"], batch.inputs["attention_mask"])
 
     def merge(self, example: dict[str, Any], pieces: list[Any], id2label: dict[int, str]) -> tuple[str, bool]:
@@ -1032,10 +1043,10 @@ class Seq2seqTask(Task):
 
     def write_predictions(self, folder: Path, prefix: str, examples: list[dict[str, Any]], predictions: list[Any],
                           ) -> None:
-        """FOLDER/<prefix>_predictions.tsv: source, reference, hypothesis."""
-        write_pairs_tsv(Path(folder) / f"{prefix}_predictions.tsv", examples, predictions, with_reference=True)
+        """FOLDER/<prefix>_predictions.tsv (prefix in `predictions_for`): source, reference, hypothesis."""
+        if prefix in self.predictions_for:
+            write_pairs_tsv(Path(folder) / f"{prefix}_predictions.tsv", examples, predictions, with_reference=True)
 
     def write_unlabelled_predictions(self, path: Path, examples: list[dict[str, Any]], predictions: list[Any],
                                      ) -> None:
         write_pairs_tsv(Path(path), examples, predictions, with_reference=False)
-
