@@ -200,7 +200,7 @@ def _train_params(task_cls: Any) -> list[click.Parameter]:
         if f.name == "metric":
             option = click_option(f, types, task_cls.metric_names)
             option.help = "Validation metric for the best model and early stopping."
-            option.show_default = task_cls.default_metric
+            option.show_default = task_cls.default_metric_text or task_cls.default_metric
             params.append(option)
         else:
             params.append(click_option(f, types))
@@ -290,15 +290,33 @@ train_classify = train.commands["classify"]
 # ---- predict / eval ----------------------------------------------------------------
 
 
+def _seq2seq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """seq2seq models: the source column and the generation settings, over those saved with the model."""
+    for decl, kind, text in reversed([
+        ("--source-column", str, "seq2seq: source column (JSON/CSV data) [default: the model's]."),
+        ("--num-beams", click.IntRange(min=1), "seq2seq: beam size [default: the model's generation_config]."),
+        ("--max-new-tokens", click.IntRange(min=1), "seq2seq: most tokens generated per output "
+                                                    "[default: the model's]."),
+        ("--length-penalty", float, "seq2seq: beam-search length penalty [default: the model's]."),
+        ("--no-repeat-ngram-size", click.IntRange(min=0), "seq2seq: never repeat an n-gram of this size "
+                                                          "[default: the model's]."),
+    ]):
+        fn = click.option(decl, type=kind, help=text)(fn)
+    return fn
+
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--input", "input_file", required=True,
-              help="NER: CoNLL file or plain text (one sentence per line); classify: CSV/TSV/JSONL or text lines.")
+              help="NER: CoNLL file or plain text (one sentence per line); classify: CSV/TSV/JSONL or text lines; "
+                   "seq2seq: CSV/TSV/JSONL, a pair file or text lines (one source per line).")
 @click.option("--output", "output_file", required=True, help="Where rank 0 writes the predictions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--text-column", help="Text column (JSON/CSV data) [default: the one the model was trained with].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
+@_seq2seq_options
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def predict(**params: Any) -> int:
@@ -321,6 +339,8 @@ def predict(**params: Any) -> int:
 @click.option("--text-column", help="Text/tokens column (JSON/CSV data) [default: the model's].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
 @click.option("--label-column", help="Label column (JSON/CSV data) [default: the model's].")
+@_seq2seq_options
+@click.option("--target-column", help="seq2seq: target column (JSON/CSV data) [default: the model's].")
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def evaluate_cmd(**params: Any) -> int:

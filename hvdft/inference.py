@@ -15,6 +15,7 @@ from hvdft.data.prepare import tokenize
 from hvdft.errors import HvdftError
 from hvdft.evaluate import Evaluator
 from hvdft.models import resolve_model
+from hvdft.setup import report_counts
 from hvdft.tasks import task_class, task_of_model
 from hvdft.tasks.base import Task
 
@@ -37,7 +38,7 @@ def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_s
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    def load() -> tuple[Task, Any, Any]:
+    def load() -> tuple[Task, Any, Any, int]:
         path = resolve_model(model_dir)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -47,16 +48,17 @@ def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_s
         heads = ("TokenClassification", "SequenceClassification")
         has_head = getattr(config, "hvdft_task", None) or any(a.endswith(heads) for a in config.architectures or [])
         if not has_head:
-            raise HvdftError("not a fine-tuned classification model (no task head in config.json)", model_dir)
+            raise HvdftError("not a fine-tuned model (no task head in config.json)", model_dir)
         cls = task_class(task_of_model(config))
         task = cls(_task_options(cls, Path(path), overrides), encoding)
-        model = task.model_class().from_pretrained(path, config=config)
-        return task, model, tokenizer
+        limit = min(getattr(config, "max_position_embeddings", 512) or 512, tokenizer.model_max_length or 512)
+        task.prepare(config, tokenizer, limit)  # as in training: before any data is read
+        model = task.model_class().from_pretrained(path, config=config)  # seq2seq: EncoderDecoderModel too
+        return task, model, tokenizer, limit
 
-    task, model, tokenizer = dist.agree(load)
+    task, model, tokenizer, limit = dist.agree(load)
     model.to(dist.device())
     id2label = {int(k): v for k, v in model.config.id2label.items()}
-    limit = min(getattr(model.config, "max_position_embeddings", 512) or 512, tokenizer.model_max_length or 512)
     evaluator = Evaluator(task, model, id2label, batch_size, tokenizer.pad_token_id or 0, precision)
     return Loaded(task, model, tokenizer, evaluator, limit)
 
@@ -85,6 +87,7 @@ def predict_file(model_dir: str, input_file: str, output_file: str, batch_size: 
     split = dist.agree(lambda: run.task.read_unlabelled(input_file, shard))
     label2id = {v: k for k, v in run.evaluator.id2label.items()}
     features = tokenize(run.task, split, run.tokenizer, label2id, run.max_length)
+    report_counts(run.task, split, features, run.max_length)
     merged, _ = run.evaluator.predict_shard(split, features, with_loss=False)
     ordered = dist.gather_in_order(split.ids, list(zip(split.examples, merged, strict=True)))
     if ordered is not None:
@@ -100,6 +103,7 @@ def evaluate_file(model_dir: str, data_file: str, output_dir: str | None, batch_
     split = dist.agree(lambda: run.task.read(data_file, "eval", shard))
     label2id = {v: k for k, v in run.evaluator.id2label.items()}
     features = tokenize(run.task, split, run.tokenizer, label2id, run.max_length)
+    report_counts(run.task, split, features, run.max_length)
     result = run.evaluator(split, features)
     if dist.is_main():
         text = "\n".join(f"{k}: {v:.4f}" for k, v in result.metrics.items()) + "\n\n" + result.report
