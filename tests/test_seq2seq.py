@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import write
 
+from hvdft.data.files import Shard
 from hvdft.errors import HvdftError
 from hvdft.tasks.seq2seq import (
     Seq2seqOptions,
     Seq2seqTask,
-    Shard,
     apply_generation,
     decode_generated,
     featurize_pairs,
@@ -225,7 +225,7 @@ def test_bad_rows_are_one_line_errors(tmp_path: Path, name: str, text: str, opti
 
 def test_options_validation() -> None:
     for options, message in (({"max_target_length": 0}, "--max-target-length must be at least 1, got 0"),
-                             ({"label_smoothing": 1.0}, "--label-smoothing must be in [0, 1), got 1.0"),
+                             ({"label_smoothing": 1.0}, "--label-smoothing must be below 1, got 1"),
                              ({"context_turns": -1}, "--context-turns must not be negative, got -1"),
                              ({"bleu_tokenize": "moses"}, "--bleu-tokenize must be one of"),
                              ({"source_lang": "en", "target_lang": "en"}, "are both 'en'")):
@@ -313,10 +313,16 @@ def test_truncation_is_counted(tok) -> None:
     exact = featurize_pairs({"source": ["a"], "target": ["x y"], "example": [0]}, tok, 3, 3, "", tok.cls_token_id)
     assert (exact["source_truncated"], exact["target_truncated"]) == ([0], [0])  # at the limit: not cut
     assert f["length"] == [len(a) + len(b) for a, b in zip(f["input_ids"], f["labels"], strict=True)]
+    from transformers import BertConfig
+
     t = task(max_source_length=6, max_target_length=3)
-    t.max_source_length = 6
-    assert t.truncation_line("train", f) == (
-        "train: 2 of 3 sources cut to --max-source-length 6, 2 targets cut to --max-target-length 3")
+    t.prepare(BertConfig(), tok, 64)
+    split = SimpleNamespace(source="train.txt", total=3)
+    counts = t.count_features(f)
+    assert counts == {"sources": 3, "source_truncated": 2, "target_truncated": 2}
+    assert t.describe_counts(split, counts, 64) == (
+        "train.txt: 2 of 3 sources cut to --max-source-length 6, 2 targets cut to --max-target-length 3")
+    assert t.describe_counts(split, {"sources": 3, "source_truncated": 0, "target_truncated": 0}, 64) == ""
     unlabelled = featurize_pairs({"source": ["a"], "target": [None], "example": [0]}, tok, 8, 8, "translate: ")
     assert unlabelled["labels"] == [[]] and tok.convert_ids_to_tokens(unlabelled["input_ids"][0])[1:3] == [
         "translate", ":"]
@@ -389,10 +395,10 @@ def configured(kind: str, tmp_path: Path, tok, std: float = 0.02, **options):
 
         folder = tiny_bert(tmp_path / "bert", std)
         config = AutoConfig.from_pretrained(folder)
-        t.configure(config, tok, 64)
+        t.prepare(config, tok, 64)
         return t, t.build_model(str(folder), config, tok)
     model = tiny_seq2seq(kind, std)
-    t.configure(model.config, tok, 64)
+    t.prepare(model.config, tok, 64)
     apply_generation(model, training_generation(t.options, t.settings["max_target_length"]), t.plan)
     return t, model
 
@@ -437,7 +443,7 @@ def test_warm_start_model_and_saved_folder(tmp_path: Path, tok) -> None:
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["num_beams"], gen["max_length"], gen["decoder_start_token_id"], gen["eos_token_id"]) == (
         2, 8, 101, 102)  # 7 new tokens after the decoder start token
-    header = t.header_lines(model)
+    header = t.describe(model)
     assert header[0].startswith("model: encoder-decoder warm-started from the encoder-only checkpoint")
     assert "decoder start [CLS]=101, eos [SEP]=102, pad [PAD]=0" in header[0]
     assert header[-1].startswith("generation: num_beams=2 max_new_tokens=7 length_penalty=1.0 no_repeat_ngram_size=0")
@@ -445,7 +451,8 @@ def test_warm_start_model_and_saved_folder(tmp_path: Path, tok) -> None:
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(out)
     tok2 = AutoTokenizer.from_pretrained(out)
     p = Seq2seqTask()
-    lines = p.configure(AutoConfig.from_pretrained(out), tok2, 64)
+    p.prepare(AutoConfig.from_pretrained(out), tok2, 64)
+    lines = p.describe(None)
     assert p.settings["source_prefix"] == "fr: " and p.plan.kind == "seq2seq" and p.plan.decoder_start_token_id == 101
     assert any("case-insensitive (the tokenizer lowercases)" in line for line in lines)
     dialogues = write(tmp_path, "dd.jsonl", "".join(json.dumps(d) + "\n" for d in DIALOGS))
@@ -458,7 +465,7 @@ def test_warm_start_model_and_saved_folder(tmp_path: Path, tok) -> None:
     assert p.predictions([], None, b, reloaded) == t.predictions([], None, b, model)
     # a generation option given to predict replaces the stored one
     override = task(num_beams=1)
-    override.configure(reloaded.config, tok2, 64)
+    override.prepare(reloaded.config, tok2, 64)
     override.predictions([], None, b, reloaded)
     assert generation_values(reloaded.generation_config) == {"num_beams": 1, "max_new_tokens": 7,
                                                              "length_penalty": 1.0, "no_repeat_ngram_size": 0}
@@ -653,12 +660,14 @@ def test_score_counts_generations_cut_at_max_new_tokens() -> None:
 
 @pytest.mark.slow
 def test_generations_gathered_from_two_ranks_equal_one_process(tmp_path: Path, tok) -> None:
-    """Real Horovod: each rank generates its strided shard in its own batches; rank 0's gathered
-    list equals a 1-process run, in input order, with outputs of different lengths."""
-    from conftest import HOROVODRUN, ROOT, run
+    """Real Horovod, through the engine (inference.load_model, tokenize, Evaluator): each rank
+    generates its strided shard in its own length-sorted, padded batches; rank 0's gathered
+    list equals a 1-process run with other batches, in input order, with outputs of different
+    lengths (rows that finish early are padded by generate)."""
+    from conftest import HOROVODRUN, ROOT, env, run
 
     t, model = configured("warm-start", tmp_path, tok, std=0.3, num_beams=2, max_new_tokens=8)
-    model = model.double().eval()
+    model.eval()
     f = features_of(t, tok, SOURCES, [None] * len(SOURCES))
     model.generation_config.eos_token_id = _eos_with_mixed_lengths(model, tok, f)
     model.save_pretrained(tmp_path / "model")
@@ -667,13 +676,16 @@ def test_generations_gathered_from_two_ranks_equal_one_process(tmp_path: Path, t
     data = write(tmp_path, "test.txt", "".join(f"{s}\tx\n" for s in sources))
     script = str(ROOT / "tests" / "scripts" / "seq2seq_gather.py")
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    run([sys.executable, script, str(tmp_path / "model"), str(data), str(one)], timeout=300)
-    run([*HOROVODRUN, sys.executable, script, str(tmp_path / "model"), str(data), str(two)], timeout=300)
+    e = env(HVDFT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    run([sys.executable, script, str(tmp_path / "model"), str(data), str(one), "5"], timeout=300, env=e)
+    run([*HOROVODRUN, sys.executable, script, str(tmp_path / "model"), str(data), str(two), "3"], timeout=300, env=e)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["world"], b["world"]) == (1, 2)
-    assert b["ids"] == list(range(13)) and b["sources"] == sources
+    assert a["sources"] == b["sources"] == sources
     assert b["hypotheses"] == a["hypotheses"]
+    assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-9)
     assert len({len(text.split()) for text, _ in b["hypotheses"]}) > 1, "outputs of different lengths"
+    assert any(not cut for _, cut in b["hypotheses"]), "some end with eos before max_new_tokens"
 
 
 def test_multilingual_language_codes() -> None:
