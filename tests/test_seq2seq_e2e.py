@@ -260,8 +260,8 @@ def test_summarization_smoke_on_billsum(shared_data: Path, tmp_path: Path) -> No
     out = tmp_path / "out"
     result = run_ok([*horovodrun(2), HVDFT, "train", "seq2seq", "--model", str(model), "--train-file", str(data),
                      "--validation-file", str(data), "--test-file", str(data), "--max-eval-samples", "6",
-                     "--max-steps", "4", "--batch-size", "4", "--max-source-length", "96", "--max-target-length",
-                     "24", "--num-beams", "1", "--max-new-tokens", "16", "--lr", "1e-3",
+                     "--max-steps", "4", "--eval-every", "4", "--batch-size", "4", "--max-source-length", "96",
+                     "--max-target-length", "24", "--num-beams", "1", "--max-new-tokens", "16", "--lr", "1e-3",
                      "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)], timeout=900)
     assert "data: summarization, default metric rougeL" in result.output
     assert f"{data}: 100 of 100 sources cut to --max-source-length 96" in result.output
