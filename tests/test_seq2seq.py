@@ -683,7 +683,10 @@ def test_generations_gathered_from_two_ranks_equal_one_process(tmp_path: Path, t
     assert (a["world"], b["world"]) == (1, 2)
     assert a["sources"] == b["sources"] == sources
     assert b["hypotheses"] == a["hypotheses"]
-    assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-9)
+    loss_a, loss_b = a["metrics"].pop("loss"), b["metrics"].pop("loss")
+    assert b["metrics"] == a["metrics"], "the scores of identical texts"
+    # token_loss_sum adds in float32 (as training does): other batches, other rounding
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
     assert len({len(text.split()) for text, _ in b["hypotheses"]}) > 1, "outputs of different lengths"
     assert any(not cut for _, cut in b["hypotheses"]), "some end with eos before max_new_tokens"
 
