@@ -250,7 +250,7 @@ def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:
 
     cfg = _config_from(ctx, task, params)
     cfg.validate()
-    dist.init()
+    dist.init(timeline=cfg.horovod_timeline)
     setup_logging()
     train(cfg)
     return 0
@@ -310,12 +310,19 @@ def _seq2seq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--input", "input_file", required=True,
               help="NER: CoNLL file or plain text (one sentence per line); classify: CSV/TSV/JSONL or text lines; "
+                   "QA: JSON lines of {question, context} or SQuAD JSON; "
+                   "re: SemEval-2010 Task 8 file, JSON lines, or text lines marked up with <e1>..</e1> <e2>..</e2>; "
                    "seq2seq: CSV/TSV/JSONL, a pair file or text lines (one source per line).")
 @click.option("--output", "output_file", required=True, help="Where rank 0 writes the predictions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--text-column", help="Text column (JSON/CSV data) [default: the one the model was trained with].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
+@click.option("--question-column", help="QA: question column of JSON lines [default: the model's].")
+@click.option("--context-column", help="QA: context column of JSON lines [default: the model's].")
+@click.option("--id-column", help="QA: question id column of JSON lines [default: the model's].")
+@click.option("--null-score-diff-threshold", type=float,
+              help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
 @_seq2seq_options
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
@@ -333,24 +340,57 @@ def predict(**params: Any) -> int:
 @main.command("eval")
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--data", "data_file", required=True, help="Labelled data in the format the task trains on.")
-@click.option("--output-dir", help="Also write <output-dir>/eval_report.txt and eval_results.json.")
+@click.option("--output-dir", help="Also write <output-dir>/eval_report.txt, eval_results.json and the task's "
+              "predictions files for eval (QA: predictions.json, nbest_predictions.json).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--text-column", help="Text/tokens column (JSON/CSV data) [default: the model's].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
 @click.option("--label-column", help="Label column (JSON/CSV data) [default: the model's].")
+@click.option("--question-column", help="QA: question column of JSON lines [default: the model's].")
+@click.option("--context-column", help="QA: context column of JSON lines [default: the model's].")
+@click.option("--id-column", help="QA: question id column of JSON lines [default: the model's].")
+@click.option("--null-score-diff-threshold", type=float,
+              help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
+@click.option("--answers-column", help="QA: answers column of JSON lines [default: the model's].")
 @_seq2seq_options
 @click.option("--target-column", help="seq2seq: target column (JSON/CSV data) [default: the model's].")
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def evaluate_cmd(**params: Any) -> int:
-    """Score a trained model on labelled data (entity-level for NER); sharded over the ranks."""
+    """Score a trained model on labelled data (entity-level for NER, SQuAD EM/F1 for QA); sharded over the ranks."""
     from hvdft import dist
     from hvdft.inference import evaluate_file
 
     dist.init()
     setup_logging()
     evaluate_file(**params)
+    return 0
+
+
+# ---- plot --------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--output-dir", help="Where the PNG files go [default: RUN_DIR/plots].")
+@click.option("--smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.6, show_default=True,
+              help="Weight of the moving average drawn over the training loss (TensorBoard's; 0 = none).")
+@guarded
+def plot(run_dir: str, output_dir: str | None, smoothing: float) -> int:
+    """Training curves as PNG pictures, from RUN_DIR/metrics.jsonl.
+
+    loss.png (each logged step and smoothed, with the validation loss), learning_rate.png,
+    tokens_per_second.png, grad_norm.png, eval_<metric>.png for every validation metric
+    with its best point marked, and overview.png with all of them. `hvdft train` writes
+    them at its end when matplotlib is installed (pip install 'hvdft[plot]').
+    """
+    from pathlib import Path
+
+    from hvdft.plots import write_plots
+
+    for path in write_plots(Path(run_dir), Path(output_dir) if output_dir else None, smoothing):
+        click.echo(str(path))
     return 0
 
 

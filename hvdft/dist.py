@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -27,17 +28,22 @@ T = TypeVar("T")
 _hvd: Any = None  # horovod.torch, imported lazily: `hvdft --help` must not need it
 
 
-def init(threads_per_rank: int | None = None) -> None:
-    """Start Horovod (idempotent) and give each rank its share of the CPU cores.
+def init(threads_per_rank: int | None = None, timeline: str | None = None) -> None:
+    """Start Horovod (idempotent) and give each rank its share of the CPU cores; with
+    `timeline`, record Horovod's timeline into that file (see `start_timeline`).
 
     When launched by mpirun/srun, mpi4py initialises MPI first and Horovod is handed
     MPI_COMM_WORLD, so Horovod and mpi4py share one communicator.
     """
     global _hvd
     if _hvd is not None:
+        if timeline:
+            start_timeline(timeline)
         return
     import horovod.torch as hvd
 
+    if timeline:  # Horovod reads it once, as it starts: DYNAMIC lets start_timeline() open the file
+        os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
     if launched_by_mpi() and hvd.mpi_built():
         from mpi4py import MPI
 
@@ -55,6 +61,42 @@ def init(threads_per_rank: int | None = None) -> None:
         torch.set_num_threads(threads_per_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+    if timeline:
+        start_timeline(timeline)
+
+
+_timeline: str | None = None  # the file the timeline is being recorded into
+
+
+def start_timeline(path: str) -> None:
+    """Collective: record Horovod's timeline into `path` from now on.
+
+    Rank 0 writes it, for every rank: a Chrome trace-event JSON file (open it in
+    chrome://tracing or https://ui.perfetto.dev) with one row per tensor: NEGOTIATE_ALLREDUCE
+    (the ranks reporting ready: a late rank shows where the others wait), then the
+    ALLREDUCE itself (queueing, memory copies, the MPI/Gloo/NCCL operation). Horovod must
+    have started with HOROVOD_TIMELINE set, which `init(timeline=...)` does; horovodrun's
+    --timeline-filename sets it too. The file is complete when Horovod shuts down.
+    """
+    global _timeline
+    hvd = _require()
+    if _timeline == path:
+        return
+    target = Path(path).resolve()
+
+    def prepare() -> None:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HvdftError(f"--horovod-timeline: cannot create the folder: {exc.strerror}", target.parent) from None
+
+    main_only(prepare)
+    try:
+        hvd.start_timeline(str(target), mark_cycles=False)
+    except ValueError:
+        raise HvdftError("--horovod-timeline: Horovod started without a timeline (set HOROVOD_TIMELINE=DYNAMIC before "
+                         "it starts)", everywhere=True) from None
+    _timeline = path
 
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -465,10 +507,10 @@ def run(fn: Callable[[], T], state: Any = None, on_reset: Callable[[str, float],
 
 def shutdown() -> None:
     """Clean exit: Horovod first, then MPI (mpirun treats a missing Finalize as a crash)."""
-    global _hvd
+    global _hvd, _timeline
     if _hvd is not None:
-        _hvd.shutdown()
-        _hvd = None
+        _hvd.shutdown()  # also completes a --timeline file
+        _hvd, _timeline = None, None
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 

@@ -38,38 +38,44 @@ def load_model(model_dir: str, overrides: dict[str, Any], encoding: str, batch_s
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    def load() -> tuple[Task, Any, Any, int]:
+    def load() -> tuple[Task, Any, Any, int | None]:
         path = resolve_model(model_dir)
         try:
             config = AutoConfig.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
         except (OSError, ValueError) as exc:
             raise HvdftError(f"cannot load model: {exc}".splitlines()[0], model_dir) from None
-        heads = ("TokenClassification", "SequenceClassification")
+        heads = ("TokenClassification", "SequenceClassification", "QuestionAnswering")
         has_head = getattr(config, "hvdft_task", None) or any(a.endswith(heads) for a in config.architectures or [])
         if not has_head:
             raise HvdftError("not a fine-tuned model (no task head in config.json)", model_dir)
         cls = task_class(task_of_model(config))
         task = cls(_task_options(cls, Path(path), overrides), encoding)
-        limit = min(getattr(config, "max_position_embeddings", 512) or 512, tokenizer.model_max_length or 512)
-        task.prepare(config, tokenizer, limit)  # as in training: before any data is read
-        model = task.model_class().from_pretrained(path, config=config)  # seq2seq: EncoderDecoderModel too
-        return task, model, tokenizer, limit
+        model = task.model_class().from_pretrained(path, config=config)
+        return task, model, tokenizer, _saved_config(Path(path)).get("max_length")
 
-    task, model, tokenizer, limit = dist.agree(load)
+    task, model, tokenizer, trained = dist.agree(load)
     model.to(dist.device())
     id2label = {int(k): v for k, v in model.config.id2label.items()}
+    limit = min(getattr(model.config, "max_position_embeddings", 512) or 512, tokenizer.model_max_length or 512)
+    trained = trained or task.default_max_length
+    max_length = min(limit, int(trained)) if trained else limit  # the windows the model was evaluated on in training
+    dist.agree(lambda: task.prepare(model.config, tokenizer, max_length))
     evaluator = Evaluator(task, model, id2label, batch_size, tokenizer.pad_token_id or 0, precision)
-    return Loaded(task, model, tokenizer, evaluator, limit)
+    return Loaded(task, model, tokenizer, evaluator, max_length)
+
+
+def _saved_config(folder: Path) -> dict[str, Any]:
+    """The options the model was trained with (hvdft_run.json), or {} for a folder without it."""
+    if not (folder / RUN_FILE).exists():
+        return {}
+    return json.loads((folder / RUN_FILE).read_text()).get("config", {})
 
 
 def _task_options(cls: type[Task], folder: Path, overrides: dict[str, Any]) -> Any:
     """The task options saved with the model, then the given overrides."""
     names = {f.name for f in fields(cls.Options)}
-    saved: dict[str, Any] = {}
-    if (folder / RUN_FILE).exists():
-        config = json.loads((folder / RUN_FILE).read_text()).get("config", {})
-        saved = {k: v for k, v in config.items() if k in names}
+    saved = {k: v for k, v in _saved_config(folder).items() if k in names}
     for key, value in overrides.items():
         if value is None:
             continue
@@ -97,7 +103,8 @@ def predict_file(model_dir: str, input_file: str, output_file: str, batch_size: 
 
 def evaluate_file(model_dir: str, data_file: str, output_dir: str | None, batch_size: int, precision: str,
                   encoding: str, **overrides: Any) -> None:
-    """Score the model on labelled data; rank 0 prints (and writes) the report."""
+    """Score the model on labelled data; rank 0 prints the report and, with `output_dir`, writes it,
+    the metrics and the task's predictions files for 'eval' (QA: predictions.json, nbest_predictions.json)."""
     run = load_model(model_dir, overrides, encoding, batch_size, precision)
     shard = Shard(dist.rank(), dist.size())
     split = dist.agree(lambda: run.task.read(data_file, "eval", shard))
@@ -113,3 +120,4 @@ def evaluate_file(model_dir: str, data_file: str, output_dir: str | None, batch_
             out.mkdir(parents=True, exist_ok=True)
             (out / "eval_report.txt").write_text(text)
             (out / "eval_results.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+            run.task.write_predictions(out, "eval", result.examples or [], result.predictions or [])

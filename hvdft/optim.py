@@ -1,4 +1,4 @@
-"""The optimizer, its parameter groups, the learning-rate rule and the schedule."""
+"""The optimizers (--optimizer), their parameter groups, the learning-rate rule and the schedule."""
 
 from __future__ import annotations
 
@@ -33,13 +33,56 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `decay_groups`; the fused kernel where it exists."""
+OPTIMIZERS = ("adamw", "sgd", "nesterov", "adagrad", "rmsprop")
+# --momentum where it applies, and its default when not given: torch's (and HF Trainer's)
+# for SGD and RMSprop (0: plain SGD, plain RMSprop); Nesterov needs a momentum to look ahead with.
+DEFAULT_MOMENTUM = {"sgd": 0.0, "nesterov": 0.9, "rmsprop": 0.0}
+
+
+def check_momentum(name: str, momentum: float | None) -> None:
+    """Raise HvdftError when --momentum is given for an optimizer without one, or when
+    Nesterov's is 0 (torch refuses it: there is nothing to look ahead with)."""
+    from hvdft.errors import HvdftError
+
+    if momentum is not None and name not in DEFAULT_MOMENTUM:
+        raise HvdftError(f"--momentum does not apply to --optimizer {name} "
+                         f"(only to {', '.join(DEFAULT_MOMENTUM)})")
+    if name == "nesterov" and momentum is not None and momentum <= 0:
+        raise HvdftError(f"--optimizer nesterov needs a positive --momentum, got {momentum:g}")
+
+
+def build_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
+                    momentum: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer `name` (one of OPTIMIZERS) over `decay_groups(model, weight_decay)`.
+
+    adamw: AdamW, decoupled weight decay (Loshchilov & Hutter, 2019). sgd / nesterov: SGD
+    with (Nesterov) momentum (Sutskever et al., 2013). adagrad: Adagrad (Duchi et al.,
+    2011). rmsprop: RMSprop (Hinton, 2012). For all but AdamW, torch applies weight decay as
+    an L2 term added to the gradient. `momentum` None takes DEFAULT_MOMENTUM. Hyperparameters
+    other than these are torch's defaults. The fused kernel where one exists, else foreach
+    (on accelerators). The state each creates: AdamW, SGD-momentum and RMSprop on their
+    first step; Adagrad at construction (its accumulators start at 0).
+    """
     groups = decay_groups(model, weight_decay)
+    if momentum is None:
+        momentum = DEFAULT_MOMENTUM.get(name, 0.0)
+    if name == "adamw":
+        return _fast(torch.optim.AdamW, groups, device, lr=lr)
+    if name in ("sgd", "nesterov"):
+        return _fast(torch.optim.SGD, groups, device, lr=lr, momentum=momentum, nesterov=name == "nesterov")
+    if name == "adagrad":
+        return _fast(torch.optim.Adagrad, groups, device, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, foreach=device.type != "cpu")
+    raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+
+
+def _fast(cls: type, groups: list[dict], device: torch.device, **kwargs: float | bool) -> torch.optim.Optimizer:
+    """`cls` with its fused kernel where this torch has one for the device, else foreach."""
     try:
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
+        return cls(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr, foreach=device.type != "cpu")
+        return cls(groups, foreach=device.type != "cpu", **kwargs)
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:

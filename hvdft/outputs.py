@@ -5,6 +5,7 @@ other ranks (it does nothing there)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -14,10 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from hvdft import dist
 from hvdft.checkpoint import RUN_FILE, write_atomically
+from hvdft.modelcard import write_model_card
+
+log = logging.getLogger("hvdft")
 
 if TYPE_CHECKING:
     from hvdft.evaluate import Evaluation
     from hvdft.tasks.base import Task
+    from hvdft.tracking import Trackers
 
 # A plain progress line (logs written to files) at most this often, in seconds.
 PLAIN_LINE_MIN_INTERVAL_S = 30.0
@@ -88,15 +93,19 @@ def _clock(seconds: float) -> str:
 
 
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl: one JSON line per logging step and per evaluation."""
+    """OUTPUT_DIR/metrics.jsonl: one JSON line per logging step and per evaluation; each
+    record also goes to the --report-to trackers."""
 
-    def __init__(self, path: Path, append: bool) -> None:
+    def __init__(self, path: Path, append: bool, trackers: Trackers | None = None) -> None:
         self.stream = open(path, "a" if append else "w", encoding="utf-8") if dist.is_main() else None
+        self.trackers = trackers
 
     def write(self, record: dict[str, Any]) -> None:
         if self.stream is not None:
             self.stream.write(json.dumps(record) + "\n")
             self.stream.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def close(self) -> None:
         if self.stream is not None:
@@ -145,6 +154,10 @@ def write_outputs(output_dir: Path, task: Task, model: Any, tokenizer: Any, resu
     """
     staging = output_dir / "checkpoints" / "final"
     save_model(staging, model, tokenizer, run)
+    try:
+        write_model_card(staging, task, results, reports, run, output_dir.resolve().name)
+    except Exception as exc:  # noqa: BLE001 - the card is for publishing; the model is what matters
+        log.warning("model card (README.md) not written: %s: %s", type(exc).__name__, exc)
     for prefix, ev in reports.items():
         (output_dir / f"{prefix}_report.txt").write_text(report_text(prefix, ev))
         if ev.examples is not None:
@@ -160,9 +173,24 @@ def write_outputs(output_dir: Path, task: Task, model: Any, tokenizer: Any, resu
         shutil.copy2(staging / name, tmp)
         os.replace(tmp, output_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
+    write_run_plots(output_dir)
     for prefix, ev in reports.items():
         print(report_text(prefix, ev), flush=True)
     print(f"model, reports and predictions written to {output_dir}", flush=True)
+
+
+def write_run_plots(output_dir: Path) -> None:
+    """OUTPUT_DIR/plots/*.png from metrics.jsonl when matplotlib is installed. A failure
+    is a warning: the trained model is what matters."""
+    from hvdft import plots
+
+    if not plots.matplotlib_available():
+        log.info("no training curves: pip install 'hvdft[plot]' (or run `hvdft plot %s` where it is)", output_dir)
+        return
+    try:
+        plots.write_plots(output_dir)
+    except Exception as exc:  # noqa: BLE001 - any plotting failure
+        log.warning("training curves not written: %s: %s", type(exc).__name__, exc)
 
 
 def report_text(prefix: str, ev: Evaluation) -> str:

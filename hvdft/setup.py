@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from hvdft import dist, optim
+from hvdft import dist, optim, tracking
 from hvdft.checkpoint import list_checkpoints
 from hvdft.config import TrainConfig
+from hvdft.continual import Prior
 from hvdft.data.files import Shard, Split
 from hvdft.data.prepare import read_splits, tokenize
 from hvdft.data.sampler import DistributedBatchSampler
@@ -65,6 +66,7 @@ class Setup:
     whole: tuple[dict[str, Split], dict[str, dict[str, list]]] | None = None  # elastic: every rank's data
     window: Window | None = None  # this rank's sums since the last log line (elastic commits save them)
     best_weights: dict[str, torch.Tensor] | None = None  # this process's copy of the best model
+    trackers: tracking.Trackers | None = None  # --report-to (rank 0), opened at every entry into training
 
     @property
     def output_dir(self) -> Path:
@@ -78,7 +80,7 @@ class Setup:
 def start(cfg: TrainConfig) -> None:
     """Validate the options, start Horovod, check the output folder (rank 0)."""
     cfg.validate()
-    dist.init()
+    dist.init(timeline=cfg.horovod_timeline)
     device = dist.device()
     if device.type == "cuda":
         _configure_cuda()
@@ -109,13 +111,14 @@ def _setup(cfg: TrainConfig, shard: Shard, with_sampler: bool = True) -> Setup:
 
     world, device = dist.size(), dist.device()
     task = get_task(cfg.task, cfg.task_options, cfg.encoding)
-    model_path = dist.agree(lambda: resolve_model(cfg.model))
+    prior = dist.agree(lambda: Prior.read(cfg.init_from, task)) if cfg.init_from else None  # --init-from
+    model_path = prior.path if prior else dist.agree(lambda: resolve_model(cfg.model))
     model_config = dist.agree(lambda: _load(AutoConfig.from_pretrained, model_path, cfg))
     tokenizer = dist.agree(lambda: _tokenizer(AutoTokenizer, model_path, model_config, cfg, task.needs_fast_tokenizer))
     max_length = dist.agree(lambda: _max_length(cfg, model_config, tokenizer, task.default_max_length))
     dist.agree(lambda: task.prepare(model_config, tokenizer, max_length))
     splits = read_splits(task, cfg, shard)
-    labels = _label_set(task, splits)
+    labels = _label_set(task, splits, prior)
     label2id = {label: i for i, label in enumerate(labels)}
     features = {name: tokenize(task, split, tokenizer, label2id, max_length, cfg.cache_dir)
                 for name, split in splits.items()}
@@ -125,7 +128,8 @@ def _setup(cfg: TrainConfig, shard: Shard, with_sampler: bool = True) -> Setup:
 
     torch.manual_seed(cfg.seed)
     _configure_model(model_config, task, labels, cfg.dropout)
-    model = dist.agree(lambda: _load(task.build_model, model_path, cfg, config=model_config, tokenizer=tokenizer))
+    build = prior.build if prior else task.build_model
+    model = dist.agree(lambda: _load(build, model_path, cfg, config=model_config, tokenizer=tokenizer))
     model.to(device)
     model.train()
     if cfg.compile:  # in place: parameter names, checkpoints and the Horovod hooks stay as they are
@@ -133,7 +137,8 @@ def _setup(cfg: TrainConfig, shard: Shard, with_sampler: bool = True) -> Setup:
 
     lr = optim.effective_lr(cfg.lr, cfg.scale_lr, world, cfg.allreduce_op)
     optimizer = dist.wrap_optimizer(
-        optim.adamw(model, lr, cfg.weight_decay, device), model.named_parameters(),
+        optim.build_optimizer(cfg.optimizer, model, lr, cfg.weight_decay, device, cfg.momentum),
+        model.named_parameters(),
         backward_passes_per_step=cfg.grad_accum, fp16_allreduce=cfg.fp16_allreduce, op=cfg.allreduce_op,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -213,11 +218,13 @@ def _row_keys(examples: list[int], ids: list[int]) -> list[tuple[int, int]]:
     return keys
 
 
-def _label_set(task: Task, splits: dict[str, Split]) -> list[str]:
-    """The training data's labels over all ranks; unseen dev/test labels are warned about."""
+def _label_set(task: Task, splits: dict[str, Split], prior: Prior | None = None) -> list[str]:
+    """The training data's labels over all ranks (after an --init-from model's own, which
+    keep their ids); unseen dev/test labels are warned about."""
     if not task.has_labels:
         return []
     labels = task.sort_labels(set().union(*dist.allgather_object(task.labels(splits["train"]))))
+    labels = dist.agree(lambda: prior.extend(labels)) if prior else labels
     label2id = {label: i for i, label in enumerate(labels)}
     for name in ("validation", "test"):
         if name in splits:

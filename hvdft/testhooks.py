@@ -9,6 +9,9 @@ see what each rank holds, from inside a real multi-process job. Two variables do
   the fault fires only if PATH does not exist yet, and creates it: a relaunched job runs on.
 - `HVDFT_DEBUG_DIR=DIR`: each rank appends JSON lines to DIR/rank<N>.jsonl: hashes of its
   parameters and optimizer state at named moments, and the global example ids of every step.
+  With `HVDFT_DEBUG_TENSORS=MOMENT[,MOMENT]` it also saves its parameters at those moments
+  (e.g. `after_broadcast`: the weights the first step starts from) as
+  DIR/rank<N>-<MOMENT>.safetensors.
 
 `hvdft launch` never forwards them unless asked (`--env HVDFT_FAULT`), and rank 0 warns when
 one is set, so a stray variable in a shell cannot silently break a real job.
@@ -29,22 +32,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-HOOK_VARIABLES = ("HVDFT_FAULT", "HVDFT_DEBUG_DIR")
+HOOK_VARIABLES = ("HVDFT_FAULT", "HVDFT_DEBUG_DIR", "HVDFT_DEBUG_TENSORS")
 
 
 class Hooks:
     """The hooks of one rank. Build with `Hooks.from_env(rank)`."""
 
-    def __init__(self, rank: int, fault: dict[str, str] | None, debug_dir: str | None) -> None:
+    def __init__(self, rank: int, fault: dict[str, str] | None, debug_dir: str | None,
+                 tensors_at: tuple[str, ...] = ()) -> None:
         self.rank = rank
         self.fault = fault if fault and int(fault["rank"]) == rank else None
         self.trace = Path(debug_dir) / f"rank{rank}.jsonl" if debug_dir else None
+        self.tensors_at = tensors_at
 
     @classmethod
     def from_env(cls, rank: int) -> Hooks:
         spec = os.environ.get("HVDFT_FAULT")
         fault = dict(item.split("=", 1) for item in spec.split(",")) if spec else None
-        hooks = cls(rank, fault, os.environ.get("HVDFT_DEBUG_DIR") or None)
+        tensors_at = tuple(m for m in os.environ.get("HVDFT_DEBUG_TENSORS", "").split(",") if m)
+        hooks = cls(rank, fault, os.environ.get("HVDFT_DEBUG_DIR") or None, tensors_at)
         if rank == 0:
             for name in HOOK_VARIABLES:
                 if os.environ.get(name):
@@ -76,6 +82,11 @@ class Hooks:
         if self.trace is not None:
             self._write({"event": event, "params": digest(model.state_dict()),
                          "optimizer": digest(optimizer.state_dict())})
+            if event in self.tensors_at:
+                from safetensors.torch import save_file
+
+                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # no shared storage
+                save_file(state, str(self.trace.with_name(f"rank{self.rank}-{event}.safetensors")))
 
     def entered(self, step: int, epoch: int, world: int) -> None:
         """Training (re)starts at `step` on `world` ranks: steps logged after a later one are

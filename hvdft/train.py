@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hvdft import dist, outputs
+from hvdft import dist, outputs, tracking
 from hvdft.checkpoint import load_weights
 from hvdft.config import TrainConfig
 from hvdft.data.prepare import Batch, collate
@@ -56,7 +56,11 @@ def fine_tune(run: Setup, progress: Progress, state: Any) -> dict[str, Any]:
     commit(state)
     show_header(run, progress)
     display = outputs.Display(run.total_steps, progress.step)
-    metrics = outputs.MetricsLog(run.output_dir / "metrics.jsonl", append=progress.step > 0 or bool(run.resumed_from))
+    resumed = progress.step > 0 or bool(run.resumed_from)
+    if run.trackers is not None:  # an elastic re-entry: rank 0 may be another process now
+        run.trackers.close()
+    run.trackers = tracking.Trackers.start(cfg.report_to, run.output_dir, run.info, progress.step if resumed else None)
+    metrics = outputs.MetricsLog(run.output_dir / "metrics.jsonl", append=resumed, trackers=run.trackers)
     try:
         with Requests(cfg.save_every_minutes) as requests:
             clock = time.perf_counter()
@@ -253,6 +257,7 @@ def finish(run: Setup, progress: Progress, window: Window) -> dict[str, Any]:
             results.update({f"{prefix}_{k}": v for k, v in reports[prefix].metrics.items()})
     if dist.is_main():
         outputs.write_outputs(run.output_dir, run.task, run.model, run.tokenizer, results, reports, run.info)
+        run.trackers.finish(results, progress.step)
     dist.barrier()
     return results
 

@@ -9,7 +9,8 @@ from conftest import HOROVODRUN, HVDFT, MPIRUN, run
 
 from hvdft import __version__
 
-COMMANDS = [[], ["doctor"], ["train"], ["train", "ner"], ["train", "classify"], ["predict"], ["eval"], ["launch"]]
+COMMANDS = [[], ["doctor"], ["train"], ["train", "ner"], ["train", "classify"], ["predict"], ["eval"], ["launch"],
+            ["plot"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "main")
@@ -17,6 +18,23 @@ def test_every_command_has_help(args: list[str]) -> None:
     out = run([HVDFT, *args, "--help"], timeout=60).stdout
     assert out.startswith("Usage: hvdft")
     assert "--help" in out
+
+
+def test_no_train_option_is_taken_by_horovodrun() -> None:
+    """`horovodrun -np 2 hvdft train ner --OPTION`: horovodrun's argparse reads every word
+    for its own options first and stops with "ambiguous option" on a prefix of two of them
+    (as --timeline was: --timeline-filename, --timeline-mark-cycles)."""
+    import re
+
+    from hvdft import cli
+
+    help_text = run([HOROVODRUN[0], "--help"], timeout=120).stdout
+    theirs = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", help_text))
+    assert "--timeline-filename" in theirs and len(theirs) > 30
+    ours = {o for cmd in cli.train.commands.values() for p in cmd.params for o in p.opts + p.secondary_opts
+            if o.startswith("--")}
+    clashes = {o: sorted(t for t in theirs if t.startswith(o)) for o in ours if o not in theirs}
+    assert {o: t for o, t in clashes.items() if len(t) > 1} == {}
 
 
 def test_version() -> None:

@@ -15,6 +15,8 @@ from hvdft.tasks.base import Task
 TASKS = {
     "ner": "hvdft.tasks.ner:NerTask",
     "classify": "hvdft.tasks.classify:ClassifyTask",
+    "qa": "hvdft.tasks.qa:QaTask",
+    "re": "hvdft.tasks.relation:RelationTask",
     "seq2seq": "hvdft.tasks.seq2seq:Seq2seqTask",
 }
 
@@ -38,4 +40,6 @@ def task_of_model(config: object) -> str:
     if task:
         return str(task)
     archs = " ".join(getattr(config, "architectures", None) or [])
+    if "QuestionAnswering" in archs:
+        return "qa"
     return "classify" if "SequenceClassification" in archs else "ner"

@@ -1,8 +1,9 @@
-"""Run several `hvdft train ner` command lines, one after another, in ONE job.
+"""Run several `hvdft train TASK` command lines, one after another, in ONE job.
 
     python train_many.py SPEC.json RESULT_DIR        (under horovodrun/mpirun, or alone)
 
-SPEC.json: [{"name": ..., "args": [...words after `hvdft train ner`...], "env": {...}}].
+SPEC.json: [{"name": ..., "args": [...words after `hvdft train TASK`...], "env": {...},
+"task": "ner" (the default) or another task}].
 Each case goes through the real option parsing (click) and `hvdft.cli._run_training`,
 so it is what `hvdft train ner ARGS` does, minus the process start: a job pays for
 importing torch, transformers and Horovod once instead of once per case. Errors are
@@ -36,8 +37,9 @@ def main() -> int:
         start = time.monotonic()
         entry = {"name": case["name"], "ok": True, "error": None, "agreed": None, "crash": None}
         try:
-            ctx = cli.train_ner.make_context("ner", list(case["args"]))
-            cli._run_training(ctx, "ner", ctx.params)
+            task = case.get("task", "ner")
+            ctx = cli.train.commands[task].make_context(task, list(case["args"]))
+            cli._run_training(ctx, task, ctx.params)
         except HvdftError as exc:
             entry.update(ok=False, error=str(exc), agreed=bool(getattr(exc, "agreed", False)))
         except Exception as exc:  # noqa: BLE001 - report, the test decides
