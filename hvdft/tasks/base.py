@@ -39,6 +39,7 @@ class Task(ABC):
     predictions_for: ClassVar[tuple[str, ...]] = ("test",)  # reports whose predictions are written
     default_max_length: ClassVar[int | None] = None  # --max-length default (None: the model's limit)
     default_metric_text: ClassVar[str | None] = None  # --metric's [default: ...] in --help when it depends on the data
+    usage_code: ClassVar[str | None] = None  # the model card's "Use" code (None: transformers.pipeline(self.pipeline))
     needs_fast_tokenizer: ClassVar[bool] = True  # word alignment (word_ids, offsets) needs a fast tokenizer
 
     def __init__(self, options: Any = None, encoding: str = "utf-8") -> None:

@@ -825,6 +825,14 @@ class Seq2seqTask(Task):
     # warm-started EncoderDecoderModel included. transformers 5 removed that pipeline (and
     # "summarization"/"translation"): AutoModelForSeq2SeqLM + model.generate() load and run it.
     pipeline: ClassVar[str] = "text2text-generation"
+    usage_code: ClassVar[str] = (
+        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n\n"
+        'tok = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")\n'
+        'model = AutoModelForSeq2SeqLM.from_pretrained("PATH/TO/THIS/FOLDER")  # + generation_config.json\n'
+        'prefix = getattr(model.config, "prefix", None) or ""  # the training --source-prefix, if any\n'
+        'batch = tok([prefix + "a source text"], return_tensors="pt", padding=True)\n'
+        "print(tok.batch_decode(model.generate(**batch), skip_special_tokens=True))"
+    )  # transformers 5 has no text2text-generation pipeline
     metric_names: ClassVar[tuple[str, ...]] = METRICS
     default_metric: str = "bleu"  # decided by the training data's use when it is read (see Layout.use)
     default_metric_text: ClassVar[str] = "bleu; rougeL for summarization"  # --help's [default: ...]
