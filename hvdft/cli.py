@@ -43,42 +43,53 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
             from hvdft import dist
 
             dist.shutdown()
-        except HvdftError as exc:
-            _hold_signals()
-            if _before_init() or getattr(exc, "agreed", False):
-                if _is_main():  # one error for the whole job: no rank label
-                    click.echo(f"hvdft: error: {exc}", err=True)
-            else:
-                click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
-            code = EXIT_USER_ERROR
-        except Interrupted as exc:
-            _hold_signals()
-            if _is_main():
-                click.echo(f"hvdft: {exc}", err=True)
-            code = EXIT_INTERRUPTED
-        except KeyboardInterrupt:
-            click.echo(f"hvdft: {_rank_label()}interrupted", err=True)
-            code = EXIT_INTERRUPTED
-        except Exception as exc:  # noqa: BLE001 - a crash: say where, on which rank
-            _hold_signals()
-            label = _rank_label() or "[rank 0] "
-            if type(exc).__name__ == "HorovodInternalError" and _rank_label():
-                # Not this rank's fault: a peer failed or was killed mid-collective. Its own
-                # error (or the launcher's "process N exited" line) names it; a traceback
-                # of this rank's wait would only bury that.
-                first = (str(exc).splitlines() or [""])[0]
-                click.echo(f"hvdft: error: {label}stopped because another rank failed or was killed "
-                           f"(Horovod: {first[:160]})", err=True)
-            else:
-                trace = traceback.format_exc()
-                sys.stderr.write("".join(f"{label}{line}" for line in trace.splitlines(True)))
-                click.echo(f"hvdft: error: {label}crashed: {type(exc).__name__}: {exc}", err=True)
-            code = EXIT_CRASH
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every exit goes through report()
+            code = report(exc)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
 
     return wrapper
+
+
+def report(exc: BaseException) -> int:
+    """Print what ended a command, as this rank should, and return its exit status.
+
+    User errors: one line; one that every rank raises alike (agreed on, or found before
+    Horovod started) is printed by rank 0 alone, so a job prints it once. Signals: 130.
+    Bugs: traceback and a one-line summary, 1. Call it from the `except` block that
+    caught `exc` (it prints that traceback). tests/scripts/train_many.py prints with it.
+    """
+    if isinstance(exc, HvdftError):
+        _hold_signals()
+        if _before_init() or getattr(exc, "agreed", False):
+            if _is_main():  # one error for the whole job: no rank label
+                click.echo(f"hvdft: error: {exc}", err=True)
+        else:
+            click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
+        return EXIT_USER_ERROR
+    if isinstance(exc, Interrupted):
+        _hold_signals()
+        if _is_main():
+            click.echo(f"hvdft: {exc}", err=True)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, KeyboardInterrupt):
+        click.echo(f"hvdft: {_rank_label()}interrupted", err=True)
+        return EXIT_INTERRUPTED
+    _hold_signals()
+    label = _rank_label() or "[rank 0] "
+    if type(exc).__name__ == "HorovodInternalError" and _rank_label():
+        # Not this rank's fault: a peer failed or was killed mid-collective. Its own
+        # error (or the launcher's "process N exited" line) names it; a traceback
+        # of this rank's wait would only bury that.
+        first = (str(exc).splitlines() or [""])[0]
+        click.echo(f"hvdft: error: {label}stopped because another rank failed or was killed "
+                   f"(Horovod: {first[:160]})", err=True)
+    else:
+        trace = traceback.format_exc()
+        sys.stderr.write("".join(f"{label}{line}" for line in trace.splitlines(True)))
+        click.echo(f"hvdft: error: {label}crashed: {type(exc).__name__}: {exc}", err=True)
+    return EXIT_CRASH
 
 
 def _before_init() -> bool:
@@ -248,8 +259,17 @@ def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:
     from hvdft import dist
     from hvdft.train import train
 
-    cfg = _config_from(ctx, task, params)
-    cfg.validate()
+    try:
+        cfg = _config_from(ctx, task, params)
+        cfg.validate()
+    except HvdftError as exc:
+        exc.agreed = True  # every rank checks the same options alike: the job says it once
+        if dist.launch_size() > 1 and not dist.elastic():
+            # Every rank found it: they exit together, each with status 2, rather than the
+            # first one's exit making the launcher kill the others mid-import.
+            dist.init()
+            dist.barrier()
+        raise
     dist.init(timeline=cfg.horovod_timeline)
     setup_logging()
     train(cfg)

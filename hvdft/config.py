@@ -187,6 +187,9 @@ class TrainConfig:
         names = task_class(self.task).metric_names
         if self.metric is not None and self.metric not in names:
             raise HvdftError(f"--metric must be one of {', '.join(names)} for {self.task}, got {self.metric!r}")
+        if self.scale_lr != "none" and self.allreduce_op == "adasum":
+            raise HvdftError(f"--scale-lr {self.scale_lr} with --allreduce-op adasum: Adasum combines the "
+                             "ranks' updates adaptively and takes the rate as given; drop --scale-lr")
         check_momentum(self.optimizer, self.momentum)
         require(self.report_to)
         if self.init_from and self.model != MODEL_DEFAULT:

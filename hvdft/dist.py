@@ -107,6 +107,16 @@ def launched_by_mpi() -> bool:
     return any(k in os.environ for k in _MPI_RANK_VARS)
 
 
+def launch_size() -> int:
+    """How many ranks horovodrun or mpirun started, readable before Horovod starts; 1 when
+    no launcher says (a single process, srun without --mpi)."""
+    for key in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 def launch_rank() -> int:
     """This process's rank as its launcher numbered it, readable before Horovod starts
     (horovodrun, mpirun, srun); 0 when started alone. Used to print an error found before
@@ -332,13 +342,17 @@ def wrap_optimizer(
     selects Horovod's Adasum; `fp16_allreduce` halves the bytes on the wire.
     """
     hvd = _require()
-    return hvd.DistributedOptimizer(
+    wrapped = hvd.DistributedOptimizer(
         optimizer,
         named_parameters=list(named_parameters),
         compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
         backward_passes_per_step=backward_passes_per_step,
         op={"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}[op],
     )
+    # On more than one rank Adasum is another optimizer class, whose step() reduces the
+    # updates and whose skip_synchronize() raises (on one rank Horovod uses the plain one).
+    wrapped.hvdft_adasum = op == "adasum" and hvd.size() > 1
+    return wrapped
 
 
 def optimizer_step(
@@ -365,7 +379,7 @@ def optimizer_step(
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(optimizer, "skip_synchronize"):
+    if hasattr(optimizer, "skip_synchronize") and not getattr(optimizer, "hvdft_adasum", False):
         with optimizer.skip_synchronize():
             scaler.step(optimizer)
     else:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write
+from support import write
 
 from hvdft.data.files import Shard
 from hvdft.errors import HvdftError
@@ -664,7 +664,7 @@ def test_generations_gathered_from_two_ranks_equal_one_process(tmp_path: Path, t
     generates its strided shard in its own length-sorted, padded batches; rank 0's gathered
     list equals a 1-process run with other batches, in input order, with outputs of different
     lengths (rows that finish early are padded by generate)."""
-    from conftest import HOROVODRUN, ROOT, env, run
+    from support import ROOT, horovodrun, job_env, run
 
     t, model = configured("warm-start", tmp_path, tok, std=0.3, num_beams=2, max_new_tokens=8)
     model.eval()
@@ -676,9 +676,9 @@ def test_generations_gathered_from_two_ranks_equal_one_process(tmp_path: Path, t
     data = write(tmp_path, "test.txt", "".join(f"{s}\tx\n" for s in sources))
     script = str(ROOT / "tests" / "scripts" / "seq2seq_gather.py")
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    e = env(HVDFT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    e = job_env(HVDFT_CACHE=str(tmp_path / "cache"))
     run([sys.executable, script, str(tmp_path / "model"), str(data), str(one), "5"], timeout=300, env=e)
-    run([*HOROVODRUN, sys.executable, script, str(tmp_path / "model"), str(data), str(two), "3"], timeout=300, env=e)
+    run([*horovodrun(2), sys.executable, script, str(tmp_path / "model"), str(data), str(two), "3"], timeout=300, env=e)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["world"], b["world"]) == (1, 2)
     assert a["sources"] == b["sources"] == sources
@@ -711,7 +711,7 @@ def test_multilingual_language_codes() -> None:
 
 def test_plain_reference_loop_runs(tmp_path: Path) -> None:
     """benchmarks/plain_seq2seq.py: a leak-free split, then 2 steps and scoring on a tiny model."""
-    from conftest import ROOT
+    from support import ROOT
 
     script = str(ROOT / "benchmarks" / "plain_seq2seq.py")
     lines = [f"{en}\t{fr}" for en, fr in PAIRS] + [f"{en} {i}\t{fr} {i}" for i, (en, fr) in enumerate(PAIRS)]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ft_support import HVDFT, horovodrun, job_env, make_tiny_model, run_job, run_ok
+from support import HVDFT, horovodrun, job_env, make_tiny_model, run_job, run_ok
 
 from hvdft.tasks.seq2seq import unescape
 
@@ -42,7 +42,7 @@ def toy_pairs(n: int, seed: int) -> list[tuple[str, str]]:
 def make_model(folder: Path) -> Path:
     """A 1-layer, 64-wide random BERT with minilm's tokenizer, for the task to warm-start from:
     wide enough to learn the toy mapping in a minute on 2 CPU cores (the 32-wide 2-layer
-    ft_support model stays at the unigram loss for hundreds of steps)."""
+    support.py model stays at the unigram loss for hundreds of steps)."""
     import shutil
 
     import torch
