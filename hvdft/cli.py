@@ -211,7 +211,7 @@ def _train_params(task_cls: Any) -> list[click.Parameter]:
         if f.name == "metric":
             option = click_option(f, types, task_cls.metric_names)
             option.help = "Validation metric for the best model and early stopping."
-            option.show_default = task_cls.default_metric
+            option.show_default = task_cls.default_metric_text or task_cls.default_metric
             params.append(option)
         else:
             params.append(click_option(f, types))
@@ -310,12 +310,29 @@ train_classify = train.commands["classify"]
 # ---- predict / eval ----------------------------------------------------------------
 
 
+def _seq2seq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """seq2seq models: the source column and the generation settings, over those saved with the model."""
+    for decl, kind, text in reversed([
+        ("--source-column", str, "seq2seq: source column (JSON/CSV data) [default: the model's]."),
+        ("--num-beams", click.IntRange(min=1), "seq2seq: beam size [default: the model's generation_config]."),
+        ("--max-new-tokens", click.IntRange(min=1), "seq2seq: most tokens generated per output "
+                                                    "[default: the model's]."),
+        ("--length-penalty", float, "seq2seq: beam-search length penalty [default: the model's]."),
+        ("--no-repeat-ngram-size", click.IntRange(min=0), "seq2seq: never repeat an n-gram of this size "
+                                                          "[default: the model's]."),
+    ]):
+        fn = click.option(decl, type=kind, help=text)(fn)
+    return fn
+
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--input", "input_file", required=True,
               help="NER: CoNLL file or plain text (one sentence per line); classify: CSV/TSV/JSONL or text lines; "
                    "QA: JSON lines of {question, context} or SQuAD JSON; "
-                   "re: SemEval-2010 Task 8 file, JSON lines, or text lines marked up with <e1>..</e1> <e2>..</e2>.")
+                   "re: SemEval-2010 Task 8 file, JSON lines, or text lines marked up with <e1>..</e1> <e2>..</e2>; "
+                   "seq2seq: CSV/TSV/JSONL, a pair file or text lines (one source per line).")
 @click.option("--output", "output_file", required=True, help="Where rank 0 writes the predictions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
@@ -326,6 +343,7 @@ train_classify = train.commands["classify"]
 @click.option("--id-column", help="QA: question id column of JSON lines [default: the model's].")
 @click.option("--null-score-diff-threshold", type=float,
               help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
+@_seq2seq_options
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def predict(**params: Any) -> int:
@@ -355,6 +373,8 @@ def predict(**params: Any) -> int:
 @click.option("--null-score-diff-threshold", type=float,
               help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
 @click.option("--answers-column", help="QA: answers column of JSON lines [default: the model's].")
+@_seq2seq_options
+@click.option("--target-column", help="seq2seq: target column (JSON/CSV data) [default: the model's].")
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def evaluate_cmd(**params: Any) -> int:
