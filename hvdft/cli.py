@@ -43,42 +43,53 @@ def guarded(fn: Callable[..., int | None]) -> Callable[..., None]:
             from hvdft import dist
 
             dist.shutdown()
-        except HvdftError as exc:
-            _hold_signals()
-            if _before_init() or getattr(exc, "agreed", False):
-                if _is_main():  # one error for the whole job: no rank label
-                    click.echo(f"hvdft: error: {exc}", err=True)
-            else:
-                click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
-            code = EXIT_USER_ERROR
-        except Interrupted as exc:
-            _hold_signals()
-            if _is_main():
-                click.echo(f"hvdft: {exc}", err=True)
-            code = EXIT_INTERRUPTED
-        except KeyboardInterrupt:
-            click.echo(f"hvdft: {_rank_label()}interrupted", err=True)
-            code = EXIT_INTERRUPTED
-        except Exception as exc:  # noqa: BLE001 - a crash: say where, on which rank
-            _hold_signals()
-            label = _rank_label() or "[rank 0] "
-            if type(exc).__name__ == "HorovodInternalError" and _rank_label():
-                # Not this rank's fault: a peer failed or was killed mid-collective. Its own
-                # error (or the launcher's "process N exited" line) names it; a traceback
-                # of this rank's wait would only bury that.
-                first = (str(exc).splitlines() or [""])[0]
-                click.echo(f"hvdft: error: {label}stopped because another rank failed or was killed "
-                           f"(Horovod: {first[:160]})", err=True)
-            else:
-                trace = traceback.format_exc()
-                sys.stderr.write("".join(f"{label}{line}" for line in trace.splitlines(True)))
-                click.echo(f"hvdft: error: {label}crashed: {type(exc).__name__}: {exc}", err=True)
-            code = EXIT_CRASH
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every exit goes through report()
+            code = report(exc)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
 
     return wrapper
+
+
+def report(exc: BaseException) -> int:
+    """Print what ended a command, as this rank should, and return its exit status.
+
+    User errors: one line; one that every rank raises alike (agreed on, or found before
+    Horovod started) is printed by rank 0 alone, so a job prints it once. Signals: 130.
+    Bugs: traceback and a one-line summary, 1. Call it from the `except` block that
+    caught `exc` (it prints that traceback). tests/scripts/train_many.py prints with it.
+    """
+    if isinstance(exc, HvdftError):
+        _hold_signals()
+        if _before_init() or getattr(exc, "agreed", False):
+            if _is_main():  # one error for the whole job: no rank label
+                click.echo(f"hvdft: error: {exc}", err=True)
+        else:
+            click.echo(f"hvdft: error: {_rank_label()}{exc}", err=True)
+        return EXIT_USER_ERROR
+    if isinstance(exc, Interrupted):
+        _hold_signals()
+        if _is_main():
+            click.echo(f"hvdft: {exc}", err=True)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, KeyboardInterrupt):
+        click.echo(f"hvdft: {_rank_label()}interrupted", err=True)
+        return EXIT_INTERRUPTED
+    _hold_signals()
+    label = _rank_label() or "[rank 0] "
+    if type(exc).__name__ == "HorovodInternalError" and _rank_label():
+        # Not this rank's fault: a peer failed or was killed mid-collective. Its own
+        # error (or the launcher's "process N exited" line) names it; a traceback
+        # of this rank's wait would only bury that.
+        first = (str(exc).splitlines() or [""])[0]
+        click.echo(f"hvdft: error: {label}stopped because another rank failed or was killed "
+                   f"(Horovod: {first[:160]})", err=True)
+    else:
+        trace = traceback.format_exc()
+        sys.stderr.write("".join(f"{label}{line}" for line in trace.splitlines(True)))
+        click.echo(f"hvdft: error: {label}crashed: {type(exc).__name__}: {exc}", err=True)
+    return EXIT_CRASH
 
 
 def _before_init() -> bool:
@@ -200,7 +211,7 @@ def _train_params(task_cls: Any) -> list[click.Parameter]:
         if f.name == "metric":
             option = click_option(f, types, task_cls.metric_names)
             option.help = "Validation metric for the best model and early stopping."
-            option.show_default = task_cls.default_metric
+            option.show_default = task_cls.default_metric_text or task_cls.default_metric
             params.append(option)
         else:
             params.append(click_option(f, types))
@@ -248,8 +259,17 @@ def _run_training(ctx: click.Context, task: str, params: dict[str, Any]) -> int:
     from hvdft import dist
     from hvdft.train import train
 
-    cfg = _config_from(ctx, task, params)
-    cfg.validate()
+    try:
+        cfg = _config_from(ctx, task, params)
+        cfg.validate()
+    except HvdftError as exc:
+        exc.agreed = True  # every rank checks the same options alike: the job says it once
+        if dist.launch_size() > 1 and not dist.elastic():
+            # Every rank found it: they exit together, each with status 2, rather than the
+            # first one's exit making the launcher kill the others mid-import.
+            dist.init()
+            dist.barrier()
+        raise
     dist.init(timeline=cfg.horovod_timeline)
     setup_logging()
     train(cfg)
@@ -290,12 +310,29 @@ train_classify = train.commands["classify"]
 # ---- predict / eval ----------------------------------------------------------------
 
 
+def _seq2seq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """seq2seq models: the source column and the generation settings, over those saved with the model."""
+    for decl, kind, text in reversed([
+        ("--source-column", str, "seq2seq: source column (JSON/CSV data) [default: the model's]."),
+        ("--num-beams", click.IntRange(min=1), "seq2seq: beam size [default: the model's generation_config]."),
+        ("--max-new-tokens", click.IntRange(min=1), "seq2seq: most tokens generated per output "
+                                                    "[default: the model's]."),
+        ("--length-penalty", float, "seq2seq: beam-search length penalty [default: the model's]."),
+        ("--no-repeat-ngram-size", click.IntRange(min=0), "seq2seq: never repeat an n-gram of this size "
+                                                          "[default: the model's]."),
+    ]):
+        fn = click.option(decl, type=kind, help=text)(fn)
+    return fn
+
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--input", "input_file", required=True,
               help="NER: CoNLL file or plain text (one sentence per line); classify: CSV/TSV/JSONL or text lines; "
                    "QA: JSON lines of {question, context} or SQuAD JSON; "
-                   "re: SemEval-2010 Task 8 file, JSON lines, or text lines marked up with <e1>..</e1> <e2>..</e2>.")
+                   "re: SemEval-2010 Task 8 file, JSON lines, or text lines marked up with <e1>..</e1> <e2>..</e2>; "
+                   "seq2seq: CSV/TSV/JSONL, a pair file or text lines (one source per line).")
 @click.option("--output", "output_file", required=True, help="Where rank 0 writes the predictions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per rank.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
@@ -306,6 +343,7 @@ train_classify = train.commands["classify"]
 @click.option("--id-column", help="QA: question id column of JSON lines [default: the model's].")
 @click.option("--null-score-diff-threshold", type=float,
               help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
+@_seq2seq_options
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def predict(**params: Any) -> int:
@@ -335,6 +373,8 @@ def predict(**params: Any) -> int:
 @click.option("--null-score-diff-threshold", type=float,
               help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
 @click.option("--answers-column", help="QA: answers column of JSON lines [default: the model's].")
+@_seq2seq_options
+@click.option("--target-column", help="seq2seq: target column (JSON/CSV data) [default: the model's].")
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
 def evaluate_cmd(**params: Any) -> int:

@@ -105,6 +105,8 @@ class TrainConfig:
     epochs: float = option(3.0, "Passes over the training data (may be fractional).", above=0)
     batch_size: int = option(8, "Examples per rank per micro-batch; global batch = this x ranks x --grad-accum.",
                              at_least=1, must_match=True)
+    eval_batch_size: int | None = option(None, "Examples per rank per evaluation batch [default: 2 x --batch-size]; "
+                                         "beam search holds --num-beams hypotheses per example.", at_least=1)
     lr: float = option(5e-5, "Peak learning rate, as given (see --scale-lr).", above=0)
     scale_lr: str = option("none", "Scale the learning rate with the number of ranks: none (the rate as given, "
                            "as Hugging Face and Accelerate do), linear (x ranks, Horovod's ImageNet convention) "
@@ -180,9 +182,14 @@ class TrainConfig:
 
         validate_fields(self)
         validate_fields(self.task_options)
+        if hasattr(self.task_options, "validate"):  # checks of the task's own beyond the fields' limits
+            self.task_options.validate()
         names = task_class(self.task).metric_names
         if self.metric is not None and self.metric not in names:
             raise HvdftError(f"--metric must be one of {', '.join(names)} for {self.task}, got {self.metric!r}")
+        if self.scale_lr != "none" and self.allreduce_op == "adasum":
+            raise HvdftError(f"--scale-lr {self.scale_lr} with --allreduce-op adasum: Adasum combines the "
+                             "ranks' updates adaptively and takes the rate as given; drop --scale-lr")
         check_momentum(self.optimizer, self.momentum)
         require(self.report_to)
         if self.init_from and self.model != MODEL_DEFAULT:

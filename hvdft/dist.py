@@ -49,6 +49,7 @@ def init(threads_per_rank: int | None = None, timeline: str | None = None) -> No
 
         hvd.init(comm=MPI.COMM_WORLD)
     else:
+        _refuse_crashing_gloo()
         hvd.init()
     # Before _hvd is set: the error counts as found before Horovod started, and the
     # launcher's numbering (SLURM_PROCID) decides which task prints it.
@@ -63,6 +64,16 @@ def init(threads_per_rank: int | None = None, timeline: str | None = None) -> No
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
     if timeline:
         start_timeline(timeline)
+
+
+def _refuse_crashing_gloo() -> None:
+    """One line on every rank instead of a segfault in hvd.init() (hvdft.gloo_host)."""
+    if os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):  # horovodrun --gloo started us
+        from hvdft.gloo_host import ADVICE, gloo_crash_reason
+
+        reason = gloo_crash_reason()
+        if reason is not None:
+            raise HvdftError(f"{reason}; {ADVICE}")
 
 
 _timeline: str | None = None  # the file the timeline is being recorded into
@@ -105,6 +116,16 @@ _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 def launched_by_mpi() -> bool:
     """True in a process started by mpirun or srun --mpi (MPI_COMM_WORLD holds the job)."""
     return any(k in os.environ for k in _MPI_RANK_VARS)
+
+
+def launch_size() -> int:
+    """How many ranks horovodrun or mpirun started, readable before Horovod starts; 1 when
+    no launcher says (a single process, srun without --mpi)."""
+    for key in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 1
 
 
 def launch_rank() -> int:
@@ -332,13 +353,17 @@ def wrap_optimizer(
     selects Horovod's Adasum; `fp16_allreduce` halves the bytes on the wire.
     """
     hvd = _require()
-    return hvd.DistributedOptimizer(
+    wrapped = hvd.DistributedOptimizer(
         optimizer,
         named_parameters=list(named_parameters),
         compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
         backward_passes_per_step=backward_passes_per_step,
         op={"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}[op],
     )
+    # On more than one rank Adasum is another optimizer class, whose step() reduces the
+    # updates and whose skip_synchronize() raises (on one rank Horovod uses the plain one).
+    wrapped.hvdft_adasum = op == "adasum" and hvd.size() > 1
+    return wrapped
 
 
 def optimizer_step(
@@ -365,7 +390,7 @@ def optimizer_step(
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(optimizer, "skip_synchronize"):
+    if hasattr(optimizer, "skip_synchronize") and not getattr(optimizer, "hvdft_adasum", False):
         with optimizer.skip_synchronize():
             scaler.step(optimizer)
     else:

@@ -65,7 +65,7 @@ class Evaluator:
                     loss, outputs = self.task.loss(self.model, batch)
                     totals += torch.tensor([float(loss), float(self.task.target_count(batch))], dtype=torch.float64)
                 else:
-                    outputs = self.model(**batch.inputs)
+                    outputs = self.task.forward(self.model, batch)
             row_dicts = [{k: features[k][r] for k in keys} for r in rows]
             for row, pred in zip(row_dicts, self.task.predictions(row_dicts, outputs, batch, self.model), strict=True):
                 pieces[row["example"]].append(pred)

@@ -15,6 +15,7 @@ from hvdft.data.prepare import tokenize
 from hvdft.errors import HvdftError
 from hvdft.evaluate import Evaluator
 from hvdft.models import resolve_model
+from hvdft.setup import report_counts
 from hvdft.tasks import task_class, task_of_model
 from hvdft.tasks.base import Task
 
@@ -92,6 +93,7 @@ def predict_file(model_dir: str, input_file: str, output_file: str, batch_size: 
     split = dist.agree(lambda: run.task.read_unlabelled(input_file, shard))
     label2id = {v: k for k, v in run.evaluator.id2label.items()}
     features = tokenize(run.task, split, run.tokenizer, label2id, run.max_length)
+    report_counts(run.task, split, features, run.max_length)
     merged, _ = run.evaluator.predict_shard(split, features, with_loss=False)
     ordered = dist.gather_in_order(split.ids, list(zip(split.examples, merged, strict=True)))
     if ordered is not None:
@@ -108,6 +110,7 @@ def evaluate_file(model_dir: str, data_file: str, output_dir: str | None, batch_
     split = dist.agree(lambda: run.task.read(data_file, "eval", shard))
     label2id = {v: k for k, v in run.evaluator.id2label.items()}
     features = tokenize(run.task, split, run.tokenizer, label2id, run.max_length)
+    report_counts(run.task, split, features, run.max_length)
     result = run.evaluator(split, features)
     if dist.is_main():
         text = "\n".join(f"{k}: {v:.4f}" for k, v in result.metrics.items()) + "\n\n" + result.report

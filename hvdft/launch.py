@@ -40,6 +40,8 @@ import click
 
 from hvdft import hosts as hostlib
 from hvdft.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, HvdftError
+from hvdft.gloo_host import ADVICE as GLOO_ADVICE
+from hvdft.gloo_host import gloo_crash_reason
 from hvdft.hosts import HostList, Hosts, hosts_spec
 from hvdft.outcome import Outcome, Watch, conclude, pump
 from hvdft.testhooks import HOOK_VARIABLES
@@ -324,6 +326,24 @@ def local_core_count() -> int:
     return max(1, len(cores))
 
 
+def gloo_or_mpi(explicit: bool) -> str:
+    """'gloo', or 'mpi' when this host's Gloo ranks would crash and MPI can stand in.
+
+    Horovod 0.28.1 as released segfaults on a host whose name does not resolve (a
+    container with --network none; hvdft.gloo_host says why). An explicit --gloo, or a
+    Horovod without MPI, is refused with one line instead of switched.
+    """
+    reason = gloo_crash_reason()
+    if reason is None:
+        return "gloo"
+    from hvdft.dist import build_info
+
+    if explicit or not (build_info()["mpi"] and shutil.which("mpirun")):
+        raise HvdftError(f"{reason}; {GLOO_ADVICE}")
+    click.echo(f"{PREFIX} {reason}: using mpirun (--mpi) instead")
+    return "mpi"
+
+
 # ------------------------------------------------------------------ request -> plan
 
 
@@ -393,6 +413,14 @@ def plan(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[Plan, list[str
         hosts = hostlib.read_slurm(environ)
         if np is None and environ.get("SLURM_NTASKS"):
             np = int(environ["SLURM_NTASKS"])
+
+    here = hostlib.LOCAL_NAMES | {socket.gethostname()}
+    if controller == "gloo" and (hosts is None or any(name in here for name, _ in hosts.hosts)):
+        # Horovod 0.28.1 as released segfaults there (hvdft.gloo_host): mpirun instead, or
+        # one line. --elastic needs Gloo, so it is refused rather than switched.
+        controller = gloo_or_mpi(explicit=req.controller is not None or req.elastic)
+        if controller == "mpi" and req.launcher == "auto":
+            launcher = "mpirun"
 
     env, stripped = child_environment(environ, req.env_entries)
     values = _split_env(req.env_entries, environ)

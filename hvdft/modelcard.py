@@ -141,8 +141,9 @@ def card_body(name: str, task: Task, results: dict[str, Any], reports: dict[str,
     for prefix, ev in reports.items():
         lines += [f"## Report ({SPLIT_NAMES[prefix]})", "", "```", ev.report.rstrip(), "```", ""]
     grouping = ', aggregation_strategy="simple"' if task.pipeline == "token-classification" else ""
-    lines += ["## Use", "", "```python", "from transformers import pipeline", "",
-              f'pipe = pipeline("{task.pipeline}", model="PATH/TO/THIS/FOLDER"{grouping})', "```", ""]
+    usage = task.usage_code or ("from transformers import pipeline\n\n"
+                                f'pipe = pipeline("{task.pipeline}", model="PATH/TO/THIS/FOLDER"{grouping})')
+    lines += ["## Use", "", "```python", usage, "```", ""]
     return "\n".join(lines)
 
 

@@ -114,7 +114,7 @@ def _setup(cfg: TrainConfig, shard: Shard, with_sampler: bool = True) -> Setup:
     prior = dist.agree(lambda: Prior.read(cfg.init_from, task)) if cfg.init_from else None  # --init-from
     model_path = prior.path if prior else dist.agree(lambda: resolve_model(cfg.model))
     model_config = dist.agree(lambda: _load(AutoConfig.from_pretrained, model_path, cfg))
-    tokenizer = dist.agree(lambda: _tokenizer(AutoTokenizer, model_path, model_config, cfg))
+    tokenizer = dist.agree(lambda: _tokenizer(AutoTokenizer, model_path, model_config, cfg, task.needs_fast_tokenizer))
     max_length = dist.agree(lambda: _max_length(cfg, model_config, tokenizer, task.default_max_length))
     dist.agree(lambda: task.prepare(model_config, tokenizer, max_length))
     splits = read_splits(task, cfg, shard)
@@ -124,6 +124,7 @@ def _setup(cfg: TrainConfig, shard: Shard, with_sampler: bool = True) -> Setup:
                 for name, split in splits.items()}
     for name, split in splits.items():
         _warn_examples_without_rows(task, split, features[name], max_length)
+        report_counts(task, split, features[name], max_length)
 
     torch.manual_seed(cfg.seed)
     _configure_model(model_config, task, labels, cfg.dropout)
@@ -142,7 +143,8 @@ def _setup(cfg: TrainConfig, shard: Shard, with_sampler: bool = True) -> Setup:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    evaluator = Evaluator(task, model, dict(enumerate(labels)), cfg.batch_size * 2, pad_id, cfg.precision)
+    evaluator = Evaluator(task, model, dict(enumerate(labels)), cfg.eval_batch_size or cfg.batch_size * 2, pad_id,
+                          cfg.precision)
     info = {"config": cfg.to_dict(), "labels": labels, "world_size": world, "model_path": model_path}
     run = Setup(cfg, task, device, splits, features, labels, tokenizer, pad_id, model, optimizer, None,
                 scaler, None, evaluator, lr, 0, 0, info, Hooks.from_env(dist.rank()))
@@ -323,6 +325,20 @@ def _warn_examples_without_rows(task: Task, split: Split, features: dict[str, li
         log.warning("%s", task.describe_missing(split, count, example, max_length))
 
 
+def report_counts(task: Task, split: Split, features: dict[str, list], max_length: int) -> None:
+    """Collective: what the task counts in its features (e.g. truncated sources), summed over
+    all ranks and described once by rank 0 (Task.count_features / describe_counts)."""
+    if type(task).count_features is Task.count_features:  # the same on every rank: no collective
+        return
+    totals: dict[str, int] = {}
+    for part in dist.allgather_object(task.count_features(features)):
+        for key, n in part.items():
+            totals[key] = totals.get(key, 0) + n
+    line = task.describe_counts(split, totals, max_length) if dist.is_main() else ""
+    if line:
+        log.warning("%s", line)
+
+
 def _load(loader: Any, path: str, cfg: TrainConfig, **kwargs: Any) -> Any:
     try:
         return loader(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
@@ -330,12 +346,12 @@ def _load(loader: Any, path: str, cfg: TrainConfig, **kwargs: Any) -> Any:
         raise HvdftError(f"cannot load model '{path}': {exc}".splitlines()[0]) from None
 
 
-def _tokenizer(auto: Any, path: str, model_config: Any, cfg: TrainConfig) -> Any:
+def _tokenizer(auto: Any, path: str, model_config: Any, cfg: TrainConfig, fast: bool = True) -> Any:
     kwargs: dict[str, Any] = {"use_fast": True}
     if getattr(model_config, "model_type", "") in ("roberta", "gpt2", "longformer", "bart", "deberta"):
         kwargs["add_prefix_space"] = True  # needed for pre-split words
     tokenizer = _load(auto.from_pretrained, path, cfg, **kwargs)
-    if not getattr(tokenizer, "is_fast", False):
+    if fast and not getattr(tokenizer, "is_fast", False):
         raise HvdftError(f"model '{cfg.model}' has no fast tokenizer: word alignment needs one")
     return tokenizer
 

@@ -3,12 +3,14 @@
 The failure, equivalence and checkpoint tests need to stop a rank at an exact step, or to
 see what each rank holds, from inside a real multi-process job. Two variables do it:
 
-- `HVDFT_FAULT="rank=1,step=3,kind=raise|kill|wait[,once=PATH]"`: as that rank starts
-  that optimizer step it raises, SIGKILLs itself, or waits (up to 120 s) for a stop
-  signal (a fixed step boundary for a test to send SIGTERM/SIGINT at). With `once=PATH`
+- `HVDFT_FAULT="rank=1,step=3,kind=raise|kill|wait|hold[,once=PATH]"`: as that rank
+  starts that optimizer step it raises, SIGKILLs itself, waits (up to 120 s) for a stop
+  signal (a fixed step boundary for a test to send SIGTERM/SIGINT at), or holds for 120 s
+  whatever comes (a long step, during which Ctrl-C is pressed twice). With `once=PATH`
   the fault fires only if PATH does not exist yet, and creates it: a relaunched job runs on.
 - `HVDFT_DEBUG_DIR=DIR`: each rank appends JSON lines to DIR/rank<N>.jsonl: hashes of its
-  parameters and optimizer state at named moments, and the global example ids of every step.
+  parameters and optimizer state at named moments, and for every step the global example
+  ids and padded [rows, tokens] shape of each micro-batch.
   With `HVDFT_DEBUG_TENSORS=MOMENT[,MOMENT]` it also saves its parameters at those moments
   (e.g. `after_broadcast`: the weights the first step starts from) as
   DIR/rank<N>-<MOMENT>.safetensors.
@@ -70,9 +72,9 @@ class Hooks:
         kind = self.fault["kind"]
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if kind == "wait":
+        if kind in ("wait", "hold"):  # hold: deaf to the stop flag, like a long step
             deadline = time.monotonic() + 120
-            while not stop.raised and time.monotonic() < deadline:
+            while not (stop.raised and kind == "wait") and time.monotonic() < deadline:
                 time.sleep(0.05)
             return
         raise RuntimeError(f"HVDFT_FAULT: injected failure at step {step}")
@@ -94,11 +96,15 @@ class Hooks:
         if self.trace is not None:
             self._write({"event": "entered", "step": step, "epoch": epoch, "world": world})
 
-    def after_step(self, step: int, epoch: int, example_ids: Callable[[], list[list[int]]]) -> None:
-        """The global ids of the examples of each micro-batch of a finished step (computed
-        only when tracing)."""
+    def after_step(self, step: int, epoch: int, example_ids: Callable[[], list[list[int]]],
+                   shapes: Callable[[], list[list[int]]] | None = None) -> None:
+        """The global ids of the examples of each micro-batch of a finished step, and each
+        micro-batch's padded [rows, tokens] as the model saw it (computed only when tracing)."""
         if self.trace is not None:
-            self._write({"event": "step", "step": step, "epoch": epoch, "examples": example_ids()})
+            record: dict[str, Any] = {"event": "step", "step": step, "epoch": epoch, "examples": example_ids()}
+            if shapes is not None:
+                record["shapes"] = shapes()
+            self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
         assert self.trace is not None

@@ -183,7 +183,8 @@ def advance(run: Setup, progress: Progress, micro: list[Batch]) -> bool:
     progress.batch_in_epoch += len(micro)
     ids = run.splits["train"].ids
     examples = run.features["train"]["example"]
-    run.hooks.after_step(progress.step, progress.epoch, lambda: [[ids[examples[r]] for r in b.rows] for b in micro])
+    run.hooks.after_step(progress.step, progress.epoch, lambda: [[ids[examples[r]] for r in b.rows] for b in micro],
+                         lambda: [list(b.inputs["input_ids"].shape) for b in micro])
     if progress.batch_in_epoch < len(run.sampler):
         return False
     progress.epoch, progress.batch_in_epoch, progress.epoch_excluded = progress.epoch + 1, 0, []

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import ROOT, run_job
 
-ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
 ROWS = ("hvdft-1", "hvdft-2", "plain", "naive")
 
@@ -39,10 +38,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--json", str(out), "--workdir", str(tmp / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
+    proc = run_job([sys.executable, str(BENCH), "--smoke", "--json", str(out), "--workdir", str(tmp / "work")],
+                   timeout=900, cwd=ROOT)
     assert proc.returncode == 0, f"bench.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "| run |" in proc.stdout  # the table was printed
     return json.loads(out.read_text())

@@ -11,6 +11,15 @@ the sampler position in the checkpoint are what makes that true.
 - SIGTERM to horovodrun mid-epoch: the ranks stop at a step boundary, rank 0 writes a
   checkpoint, every rank exits 130, and --resume continues from there.
 
+Two things make "ends exactly where the reference ends" strict:
+- --log-every 4 divides none of the checkpoint steps the runs resume from (6 and 3):
+  the loss summed since the last log line crosses the checkpoint, and the resumed run's
+  line at step 8 (or 4) must still average over all four steps;
+- the dev set (`fillers_as_entities`) is scored best by the EARLY model: the best of
+  the six evaluations (every 2 steps) is the one at step 2, by far. Every resume starts
+  after it, so the resumed run holds no best weights in memory and must reload them
+  from checkpoints/best: its output equals the reference's only if it does.
+
 A tiny random BERT (4 MB) stands in for minilm: only the engine is under test, and its
 checkpoints are written well inside horovodrun's 5 s grace between SIGTERM and SIGKILL.
 """
@@ -29,10 +38,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from ft_support import (
+from support import (
     HVDFT,
     Job,
     debug_events,
+    eval_records,
+    fillers_as_entities,
     horovodrun,
     job_env,
     load_tensors,
@@ -40,12 +51,16 @@ from ft_support import (
     mpirun,
     run_job,
     run_ok,
+    same_tensors,
     sentences,
     write_conll,
 )
 
 STEPS_PER_EPOCH = 6  # 48 sentences / 2 ranks / batch 4
 TOTAL = 2 * STEPS_PER_EPOCH
+LOG_EVERY = 4  # divides neither 6 (end of epoch 1) nor 3 (the SIGTERM step)
+EVAL_EVERY = 2
+BEST_STEP = 2  # the evaluation that wins on fillers_as_entities (the test checks it)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +70,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tmp": tmp,
         "model": make_tiny_model(tmp / "tiny"),
         "train": write_conll(tmp / "train.txt", sentences(48, seed=5)),
-        "valid": write_conll(tmp / "valid.txt", sentences(16, seed=6)),
+        "valid": write_conll(tmp / "valid.txt", fillers_as_entities(sentences(16, seed=6))),
         "cache": tmp / "cache",
     }
 
@@ -64,7 +79,8 @@ def args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         HVDFT, "train", "ner", "--model", str(setup["model"]), "--train-file", str(setup["train"]),
         "--validation-file", str(setup["valid"]), "--epochs", "2", "--batch-size", "4", "--max-length", "32",
-        "--lr", "1e-3", "--warmup-ratio", "0.2", "--log-every", "1", "--cache-dir", str(setup["cache"]),
+        "--lr", "1e-3", "--warmup-ratio", "0.2", "--log-every", str(LOG_EVERY), "--eval-every", str(EVAL_EVERY),
+        "--cache-dir", str(setup["cache"]),
         "--output-dir", str(out), *extra,
     ]
 
@@ -86,6 +102,7 @@ def steps_of(debug: Path, rank: int) -> dict[int, list]:
 
 
 def metrics(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock field: every other figure must match exactly."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for r in records:
         r.pop("tokens_per_second", None)  # wall-clock
@@ -146,17 +163,39 @@ def test_reference_run_writes_complete_checkpoints(setup: dict[str, Path], refer
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank's own
     p = state["progress"]
     assert (p["step"], p["epoch"], p["batch_in_epoch"]) == (STEPS_PER_EPOCH, 1, 0)
-    assert len(p["history"]) == 1 and "eval_f1" in p["history"][0]
+    assert [h["step"] for h in p["history"]] == [2, 4, 6] and "eval_f1" in p["history"][0]
     run = json.loads((ck / "hvdft_run.json").read_text())
     assert run["world_size"] == 2 and run["config"]["batch_size"] == 4 and run["labels"][0] == "O"
     # the weights in the checkpoint are the ones trained up to that step, not later ones
     weights, last = load_tensors(ck), load_tensors(root / f"checkpoint-{TOTAL}")
     assert any(not torch.equal(weights[k], last[k]) for k in weights)
-    # and the output folder holds the best model, whichever epoch it came from
-    best, final = load_tensors(root / "best"), load_tensors(out)
-    assert all(torch.equal(best[k], final[k]) for k in best)
-    assert any(all(torch.equal(load_tensors(root / c)[k], final[k]) for k in final)
-               for c in (f"checkpoint-{STEPS_PER_EPOCH}", f"checkpoint-{TOTAL}"))
+    # training lines at 4, 8, 12, each with the loss and the gradient norm of its step
+    lines = metrics(out)
+    assert [r["step"] for r in lines if "loss" in r and "eval_f1" not in r] == [4, 8, 12]
+    assert all(r["grad_norm"] > 0 for r in lines if "grad_norm" in r)
+
+
+@pytest.mark.slow
+def test_the_best_evaluation_wins_not_the_last(setup: dict[str, Path], reference: dict[str, Path]) -> None:
+    """Six evaluations whose scores differ: the output is the model of the best one (step
+    2), not the last one, and every figure written about it is that model's."""
+    out, root = reference["out"], reference["out"] / "checkpoints"
+    evals = eval_records(out)
+    f1 = {r["step"]: r["eval_f1"] for r in evals}
+    assert sorted(f1) == [2, 4, 6, 8, 10, 12]
+    best = max(f1, key=lambda s: (f1[s], -s))  # the first of the best (a later tie does not replace it)
+    assert best == BEST_STEP and f1[best] > 0.2 and f1[best] > max(v for s, v in f1.items() if s != best) + 0.1, f1
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["best_eval_metric"] == f1[best]
+    # the final validation report is the output model evaluated again: the step-2 model,
+    # whose dev loss no other evaluation had
+    won = next(r for r in evals if r["step"] == best)
+    assert results["eval_f1"] == won["eval_f1"] and results["eval_loss"] == won["eval_loss"]
+    assert all(r["eval_loss"] != won["eval_loss"] for r in evals if r["step"] != best)
+    final = load_tensors(out)
+    assert same_tensors(final, load_tensors(root / "best"))
+    for step in (STEPS_PER_EPOCH, TOTAL):  # the later checkpoints hold other weights
+        assert not same_tensors(final, load_tensors(root / f"checkpoint-{step}")), step
 
 
 @pytest.mark.slow
@@ -274,6 +313,34 @@ def test_ctrl_c_single_process(setup: dict[str, Path]) -> None:
     assert "interrupted by a signal at step 2" in result.stderr
     assert "Traceback" not in result.output
     assert trainer_state(out / "checkpoints" / "checkpoint-2")["progress"]["step"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_exits_at_once_without_a_checkpoint(setup: dict[str, Path]) -> None:
+    """Step 3 is a long step (HVDFT_FAULT kind=hold: 120 s, deaf to the stop flag). The
+    first Ctrl-C asks for a checkpoint at the end of the step; the second means "now":
+    the process dies of SIGINT at once, and writes no checkpoint."""
+    out, debug = setup["tmp"] / "sigint2", setup["tmp"] / "sigint2_debug"
+    job = Job(args(setup, out), env=debug_env(debug, HVDFT_FAULT="rank=0,step=3,kind=hold"))
+    deadline = time.monotonic() + 300
+    while not ((debug / "rank0.jsonl").exists() and 2 in steps_of(debug, 0)):
+        assert time.monotonic() < deadline and job.proc.poll() is None, "never reached step 2"
+        time.sleep(0.2)
+    job.signal(signal.SIGINT)
+    second = time.monotonic()
+    # Two signals that arrive before Python runs its handler count as one: repeat the
+    # second until the process is gone (it holds for 120 s unless a second one kills it).
+    for _ in range(20):
+        time.sleep(1)
+        if job.proc.poll() is not None:
+            break
+        second = time.monotonic()
+        job.signal(signal.SIGINT)
+    result = job.wait(60)
+    assert result.returncode == -signal.SIGINT, result.describe()
+    assert time.monotonic() - second < 15, "the second Ctrl-C did not end the process at once"
+    assert not list((out / "checkpoints").glob("checkpoint-*")), "a checkpoint was written"
+    assert not (out / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- atomicity, safety

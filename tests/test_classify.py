@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import HOROVODRUN, HVDFT, MPIRUN, run, write
+from support import HVDFT, WORDS, horovodrun, mpirun, run, toy_rows, write
 
 from hvdft.data.files import Shard, find_split_files
 from hvdft.errors import HvdftError
@@ -454,7 +454,7 @@ def test_gathered_metrics_equal_single_process(tmp_path: Path) -> None:
     script.write_text(GATHER_SCRIPT)
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     run([sys.executable, str(script), str(data), str(one), str(tmp_path / "cache")], timeout=300)
-    run([*HOROVODRUN, sys.executable, str(script), str(data), str(two), str(tmp_path / "cache")], timeout=400)
+    run([*horovodrun(), sys.executable, str(script), str(data), str(two), str(tmp_path / "cache")], timeout=400)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert len(b["gold"]) == 37 and b["texts"] == [e["text"] for e in read(data).examples], "input order"
     assert b["gold"] == a["gold"]
@@ -470,23 +470,6 @@ def test_gathered_metrics_equal_single_process(tmp_path: Path) -> None:
         f1_score(b["gold"], pred, average="macro", zero_division=0), abs=1e-12)
     assert b["metrics"]["loss"] == pytest.approx(a["metrics"]["loss"], rel=1e-6)
     assert b["report"] == a["report"]
-
-
-WORDS = ["the", "film", "movie", "plot", "acting", "was", "is", "really", "quite", "and", "but", "a", "story"]
-POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "delightful", "brilliant", "moving"]
-NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "boring", "bad", "dull", "painful"]
-
-
-def toy_rows(n: int, seed: int) -> list[tuple[str, int]]:
-    """A learnable toy sentiment set: the label is which word list the adjective comes from."""
-    r = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = (i + seed) % 2
-        adj = r.choice(POSITIVE if label else NEGATIVE)
-        rows.append((f"the {r.choice(['film', 'movie', 'plot', 'cast'])} was {r.choice(['', 'really ', 'quite '])}"
-                     f"{adj} , {r.choice(WORDS)} {adj}", label))
-    return rows
 
 
 def _check_outputs(out: Path, test_rows: list[tuple[str, str]], labels: list[str], metric: str) -> dict:
@@ -543,7 +526,7 @@ def test_train_classify_two_ranks_horovodrun(tmp_path: Path) -> None:
     (tmp_path / "dev.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in dev))
     (tmp_path / "test.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in test))
     out = tmp_path / "run"
-    proc = run([*HOROVODRUN, HVDFT, "train", "classify", "--model", "minilm", "--train-file",
+    proc = run([*horovodrun(), HVDFT, "train", "classify", "--model", "minilm", "--train-file",
                 str(tmp_path / "train.csv"), "--validation-file", str(tmp_path / "dev.jsonl"), "--test-file",
                 str(tmp_path / "test.tsv"), "--epochs", "1", "--max-steps", "4", "--batch-size", "8",
                 "--lr", "1e-4", "--log-every", "2", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")],
@@ -556,7 +539,7 @@ def test_train_classify_two_ranks_horovodrun(tmp_path: Path) -> None:
     src = tmp_path / "in.txt"
     src.write_text("\n".join(texts) + "\n", encoding="utf-8")
     pred = tmp_path / "pred.tsv"
-    run([*HOROVODRUN, HVDFT, "predict", "--model", str(out), "--input", str(src), "--output", str(pred)], timeout=300)
+    run([*horovodrun(), HVDFT, "predict", "--model", str(out), "--input", str(src), "--output", str(pred)], timeout=300)
     lines = pred.read_text(encoding="utf-8").split("\n")
     assert lines[0] == "text\tpredicted\tprobability"
     rows = [line.split("\t") for line in lines[1:-1]]
@@ -584,7 +567,7 @@ def test_train_classify_two_ranks_mpirun(tmp_path: Path) -> None:
         (data / f"{name}.jsonl").write_text("".join(json.dumps({"review": t, "label": names[y]}) + "\n"
                                                     for t, y in rows))
     out = tmp_path / "run"
-    proc = run([*MPIRUN, HVDFT, "train", "classify", "--model", "minilm", "--dataset", str(data), "--epochs", "1",
+    proc = run([*mpirun(), HVDFT, "train", "classify", "--model", "minilm", "--dataset", str(data), "--epochs", "1",
                 "--max-steps", "4", "--batch-size", "8", "--lr", "1e-4", "--metric", "f1_macro",
                 "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")], timeout=600)
     assert "[mpi]" in proc.stdout

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
-from conftest import HOROVODRUN, HVDFT, MPIRUN, run
+from support import HVDFT, horovodrun, job_env, mpirun, run
 
 from hvdft import __version__
 
@@ -28,7 +29,7 @@ def test_no_train_option_is_taken_by_horovodrun() -> None:
 
     from hvdft import cli
 
-    help_text = run([HOROVODRUN[0], "--help"], timeout=120).stdout
+    help_text = run([horovodrun()[0], "--help"], timeout=120).stdout
     theirs = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", help_text))
     assert "--timeline-filename" in theirs and len(theirs) > 30
     ours = {o for cmd in cli.train.commands.values() for p in cmd.params for o in p.opts + p.secondary_opts
@@ -74,9 +75,28 @@ def _check_two_ranks(stdout: str, controller: str) -> None:
 
 @pytest.mark.slow
 def test_doctor_under_horovodrun_gloo() -> None:
-    _check_two_ranks(run([*HOROVODRUN, HVDFT, "doctor", "--json"], timeout=180).stdout, "gloo")
+    _check_two_ranks(run([*horovodrun(), HVDFT, "doctor", "--json"], timeout=180).stdout, "gloo")
 
 
 @pytest.mark.slow
 def test_doctor_under_mpirun() -> None:
-    _check_two_ranks(run([*MPIRUN, HVDFT, "doctor", "--json"], timeout=180).stdout, "mpi")
+    _check_two_ranks(run([*mpirun(), HVDFT, "doctor", "--json"], timeout=180).stdout, "mpi")
+
+
+def test_doctor_exits_1_when_horovod_does_not_import(tmp_path) -> None:
+    """The commonest broken install: Horovod's torch extension built against another
+    torch fails to import (undefined symbol). A `horovod` package placed first on
+    PYTHONPATH whose `horovod.torch` raises ImportError stands in for that build; the
+    real Horovod stays installed, so the version check still passes."""
+    fake = tmp_path / "site" / "horovod" / "torch"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10 (built against another torch)')\n")
+    env = job_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    result = run([HVDFT, "doctor"], timeout=120, check=False, env=env)
+    assert result.returncode == 1, result.describe()
+    assert "PROBLEM: horovod.torch does not import: undefined symbol" in result.stdout, result.stdout
+    assert "all checks passed" not in result.stdout and "Traceback" not in result.output
+    report = _doctor_json(run([HVDFT, "doctor", "--json"], timeout=120, check=False, env=env).stdout)
+    assert report["problems"] == ["horovod.torch does not import: undefined symbol: _ZN3c10 (built against "
+                                  "another torch)"]

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ft_support import BIN, debug_events, job_env, make_tiny_model, run_ok, sentences, write_conll
+from support import BIN, debug_events, job_env, make_tiny_model, run_ok, sentences, write_conll
 
 pytestmark = pytest.mark.slow
 

@@ -5,12 +5,11 @@ srun-without-MPI guard, and options from --config files converted like the comma
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import HVDFT, env, write
+from support import HVDFT, Result, job_env, run_job, write
 
 from hvdft import outputs
 from hvdft.checkpoint import resolve_resume
@@ -149,9 +148,8 @@ def test_script_based_hub_dataset_is_one_line_saying_what_to_use(monkeypatch: py
 # ----------------------------------------------------------------------------- whole commands
 
 
-def run_cli(args: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([HVDFT, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env=env(HF_HUB_OFFLINE="1", **extra))
+def run_cli(args: list[str], cwd: Path, **extra: str) -> Result:
+    return run_job([HVDFT, *args], timeout=300, env=job_env(**extra), cwd=cwd)
 
 
 def test_srun_without_mpi_is_refused_once(tmp_path: Path) -> None:

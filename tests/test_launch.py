@@ -16,6 +16,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support import (
+    BIN,
+    ROOT,
+    Job,
+    job_env,
+    load_tensors,
+    make_tiny_model,
+    max_abs_diff,
+    run_job,
+    sentences,
+    write_conll,
+)
 
 from hvdft import hosts as hostlib
 from hvdft import launch as launch_mod
@@ -24,7 +36,6 @@ from hvdft.errors import HvdftError
 from hvdft.hosts import expand_hostlist, expand_tasks_per_node, parse_hostfile, parse_hosts, slurm_hosts
 from hvdft.launch import PREFIX, build_command, hvdft_program, launch
 
-BIN = Path(sys.executable).parent
 HVDFT = [str(BIN / "hvdft")] if (BIN / "hvdft").exists() else [sys.executable, "-m", "hvdft"]
 
 
@@ -416,11 +427,10 @@ def test_killed_launcher_status_is_128_plus_signal() -> None:
     assert subprocess.run(_wrapper(child), timeout=30).returncode == 128 + signal.SIGKILL
 
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_repository_hostfiles() -> None:
-    folder = REPO / "hostfiles"
+    folder = ROOT / "hostfiles"
     assert parse_hostfile(folder / "localhost.horovod") == [("localhost", 2)]
     assert parse_hostfile(folder / "localhost.mpi") == [("localhost", 2)]
     assert parse_hostfile(folder / "two-nodes.horovod") == parse_hostfile(folder / "two-nodes.mpi")
@@ -440,15 +450,10 @@ REAL_RUNS = {"--gloo": "localhost.horovod", "--mpi": "localhost.mpi"}
 @pytest.mark.parametrize("controller", list(REAL_RUNS))
 def test_doctor_on_two_ranks(controller: str, tmp_path: Path) -> None:
     # No skip: Horovod and `hvdft doctor` are part of every install; without them this fails.
-    hostfile = REPO / "hostfiles" / REAL_RUNS[controller]
-    result = subprocess.run(
-        [*HVDFT, "launch", controller, "--hostfile", str(hostfile), "--", "doctor"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    out = result.stdout + result.stderr
+    hostfile = ROOT / "hostfiles" / REAL_RUNS[controller]
+    result = run_job([*HVDFT, "launch", controller, "--hostfile", str(hostfile), "--", "doctor"], timeout=300,
+                     cwd=tmp_path)
+    out = result.output
     assert result.returncode == 0, out
     assert out.startswith(PREFIX) and str(hostfile) in out.splitlines()[0]
     for rank in (0, 1):
@@ -717,10 +722,8 @@ def test_hosts_that_stop_answering_are_dropped(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ real 2-rank jobs through hvdft launch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ft_support import Job, job_env, load_tensors, make_tiny_model, max_abs_diff, sentences, write_conll  # noqa: E402
 
-PROBE = REPO / "tests" / "scripts" / "launch_probe.py"
+PROBE = ROOT / "tests" / "scripts" / "launch_probe.py"
 CONTROLLERS = ["--gloo", "--mpi"]
 HOST = socket.gethostname()
 

@@ -1,5 +1,8 @@
 """End to end: `hvdft train ner` on 2 real Horovod ranks, its outputs checked file by file;
-then `hvdft predict` and `hvdft eval` on the model it wrote."""
+then `hvdft predict` and `hvdft eval` on the model it wrote. Under horovodrun on the bundled
+WNUT-2017 (a hard corpus: a few steps learn little there); under mpirun on a learnable
+synthetic set, where the model must really learn: the loss falls and the entity F1
+rises well above what an untrained model scores."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import HOROVODRUN, HVDFT, MPIRUN, run
+from support import HVDFT, horovodrun, metrics_records, mpirun, run, sentences, train_records, write_conll
 
 from hvdft.data.files import Shard
 from hvdft.data.prepare import BUNDLED_DATASETS
@@ -23,7 +26,7 @@ def _first_sentences(path: Path, n: int):
     return split.examples[:n]
 
 
-def _check_outputs(out: Path) -> dict:
+def _check_outputs(out: Path, test_file: Path = WNUT / "test.txt", n_test: int = 40) -> dict:
     results = json.loads((out / "all_results.json").read_text())
     for key in ("eval_precision", "eval_recall", "eval_f1", "test_precision", "test_recall", "test_f1",
                 "train_runtime", "train_samples", "train_tokens_per_second", "world_size", "global_batch_size"):
@@ -51,18 +54,18 @@ def _check_outputs(out: Path) -> dict:
         assert "micro avg" in text and "f1-score" in text
 
     # every test word, in input order, `word gold predicted`, blank line between sentences
-    gold = _first_sentences(WNUT / "test.txt", 40)
+    gold = _first_sentences(test_file, n_test)
     blocks = (out / "test_predictions.conll").read_text(encoding="utf-8").split("\n\n")
     blocks = [b for b in blocks if b]
-    assert len(blocks) == 40
+    assert len(blocks) == n_test
     for ex, block in zip(gold, blocks, strict=True):
         rows = [line.split(" ") for line in block.split("\n")]
         assert [r[0] for r in rows] == ex["words"]
         assert [r[1] for r in rows] == ex["tags"]
         assert all(r[2] in labels for r in rows)
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_lines = [r for r in records if "loss" in r]
+    records = metrics_records(out)
+    train_lines = train_records(out)
     eval_lines = [r for r in records if "eval_f1" in r]
     assert [r["step"] for r in train_lines] == [2, 4, 6, 8]
     assert len(eval_lines) == 2, "one evaluation per epoch"
@@ -73,7 +76,7 @@ def _check_outputs(out: Path) -> dict:
 @pytest.mark.slow
 def test_train_ner_two_ranks_horovodrun(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run([*HOROVODRUN, HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
+    proc = run([*horovodrun(), HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
     assert "2 rank(s)" in proc.stdout and "16 global" in proc.stdout
     results = _check_outputs(out)
 
@@ -81,7 +84,8 @@ def test_train_ner_two_ranks_horovodrun(tmp_path: Path) -> None:
     text = tmp_path / "in.txt"
     text.write_text("Barack Obama visited Paris\n\nI love New York\nok\n", encoding="utf-8")
     pred = tmp_path / "pred.conll"
-    run([*HOROVODRUN, HVDFT, "predict", "--model", str(out), "--input", str(text), "--output", str(pred)], timeout=300)
+    run([*horovodrun(), HVDFT, "predict", "--model", str(out), "--input", str(text), "--output", str(pred)],
+        timeout=300)
     blocks = [b.split("\n") for b in pred.read_text().strip().split("\n\n")]
     assert [[line.split(" ")[0] for line in b] for b in blocks] == [
         ["Barack", "Obama", "visited", "Paris"], ["I", "love", "New", "York"], ["ok"]]
@@ -105,9 +109,24 @@ def test_train_ner_two_ranks_horovodrun(tmp_path: Path) -> None:
     assert scores["f1"] == pytest.approx(results["test_f1"], abs=1e-12)
 
 
+# The thresholds, measured on this set (2 ranks x batch 8, 8 steps, lr 3e-4): the loss
+# fell from 1.42 to 0.20, dev F1 0.65 after epoch 1 and 0.82 after epoch 2, test F1 0.67.
+# An untrained head scores about 0 (dev F1 0.0 after 4 steps at lr 1e-4).
+LEARNED_TEST_F1, LEARNED_DEV_F1, LOSS_FALLS_TO = 0.5, 0.6, 0.4
+
+
 @pytest.mark.slow
-def test_train_ner_two_ranks_mpirun(tmp_path: Path) -> None:
+def test_train_ner_two_ranks_mpirun_learns(tmp_path: Path) -> None:
+    train = write_conll(tmp_path / "train.txt", sentences(64, seed=41))
+    valid = write_conll(tmp_path / "valid.txt", sentences(24, seed=42))
+    test = write_conll(tmp_path / "test.txt", sentences(24, seed=43))
     out = tmp_path / "run"
-    proc = run([*MPIRUN, HVDFT, "train", "ner", *TRAIN_ARGS, "--output-dir", str(out)], timeout=600)
+    proc = run([*mpirun(), HVDFT, "train", "ner", "--model", "minilm", "--train-file", str(train),
+                "--validation-file", str(valid), "--test-file", str(test), "--epochs", "2", "--batch-size", "8",
+                "--max-length", "64", "--log-every", "2", "--lr", "3e-4", "--cache-dir", str(tmp_path / "cache"),
+                "--output-dir", str(out)], timeout=600)
     assert "[mpi]" in proc.stdout
-    _check_outputs(out)
+    results = _check_outputs(out, test, 24)
+    losses = [r["loss"] for r in train_records(out)]
+    assert losses[-1] < LOSS_FALLS_TO * losses[0], losses
+    assert results["eval_f1"] >= LEARNED_DEV_F1 and results["test_f1"] >= LEARNED_TEST_F1, results

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HOROVODRUN, ROOT, run
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+from support import ROOT, horovodrun, run
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "eval_gather.py")
 
@@ -17,7 +17,7 @@ SCRIPT = str(ROOT / "tests" / "scripts" / "eval_gather.py")
 def test_gathered_seqeval_equals_single_process(tmp_path: Path) -> None:
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     run([sys.executable, SCRIPT, str(one)], timeout=300)
-    run([*HOROVODRUN, sys.executable, SCRIPT, str(two)], timeout=300)
+    run([*horovodrun(), sys.executable, SCRIPT, str(two)], timeout=300)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert len(b["gold"]) == 61, "every sentence of every rank reaches rank 0, in input order"
     assert b["gold"] == a["gold"]

@@ -8,7 +8,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import write
+from support import write
 
 from hvdft.data.files import Shard
 from hvdft.errors import HvdftError

@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.scheme import BILOU, IOB1, IOB2, IOBES, Entities
+from support import write
 
 from hvdft.data.files import Shard
 from hvdft.errors import HvdftError

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from ft_support import HVDFT, horovodrun, make_tiny_model, run_ok
+from support import HVDFT, horovodrun, make_tiny_model, run_ok
 
 from hvdft.tasks.ner import ESCAPE_MARKER, entity_tags, escape_field, tag_entities, unescape_field
 

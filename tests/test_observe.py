@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HOROVODRUN, HVDFT, env, run
-from ft_support import make_tiny_model, sentences, write_conll
+from support import HVDFT, horovodrun, job_env, make_tiny_model, run, sentences, write_conll
 
 from hvdft.errors import HvdftError
 
@@ -76,7 +75,7 @@ def test_missing_extra_is_a_one_line_error_before_training(tmp_path: Path) -> No
     (stub / "__init__.py").write_text("raise ImportError(\"No module named 'mlflow'\")\n")
     proc = run([HVDFT, "train", "ner", "--train-file", str(tmp_path / "absent.txt"), "--report-to", "mlflow",
                 "--output-dir", str(tmp_path / "out")], timeout=120, check=False,
-               env=env(PYTHONPATH=str(tmp_path / "stub")))
+               env=job_env(PYTHONPATH=str(tmp_path / "stub")))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == ("hvdft: error: --report-to mlflow needs the mlflow package: "
                                    "pip install 'hvdft[mlflow]'")
@@ -259,13 +258,13 @@ def test_two_rank_run_reports_everything(tmp_path: Path) -> None:
     train = write_conll(tmp_path / "train.txt", sentences(48, seed=5))
     valid = write_conll(tmp_path / "valid.txt", sentences(16, seed=6))
     out, timeline = tmp_path / "out", tmp_path / "trace" / "timeline.json"
-    job_env = env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MLFLOW_EXPERIMENT_NAME="hvdft-test")
-    job_env.pop("MLFLOW_TRACKING_URI", None)
-    proc = run([*HOROVODRUN, HVDFT, "train", "ner", "--model", str(model), "--train-file", str(train),
+    env = job_env(MLFLOW_EXPERIMENT_NAME="hvdft-test")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = run([*horovodrun(), HVDFT, "train", "ner", "--model", str(model), "--train-file", str(train),
                 "--validation-file", str(valid), "--test-file", str(valid), "--epochs", "2", "--batch-size", "4",
                 "--max-length", "32", "--lr", "3e-3", "--log-every", "1", "--eval-every", "4", "--report-to", "all",
                 "--horovod-timeline", str(timeline), "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)],
-               timeout=900, env=job_env)
+               timeout=900, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     f1s = [(r["step"], r["eval_f1"]) for r in records if "eval_f1" in r]

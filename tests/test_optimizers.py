@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ft_support import (
+from support import (
     debug_events,
     horovodrun,
     job_env,
@@ -88,7 +88,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for rank_file in sorted((tmp / f"{name}_results").glob("rank*.json")):
             results = json.loads(rank_file.read_text())
             assert [r["name"] for r in results] == [c["name"] for c in spec]
-            assert all(r["ok"] for r in results), [r for r in results if not r["ok"]]
+            assert all(r["code"] == 0 for r in results), [r["stderr"][-3000:] for r in results if r["code"]]
     return tmp
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from conftest import run
+from support import run
 
 CHECK = """
 import sys

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import SHARED_DATA, write
+from support import SHARED_DATA, write
 
 from hvdft.data.files import Shard
 from hvdft.errors import HvdftError
@@ -457,7 +457,7 @@ def test_v2_null_answer_against_the_best_span():
 @pytest.fixture(scope="module")
 def tiny_qa(tmp_path_factory):
     import torch
-    from ft_support import make_tiny_model
+    from support import make_tiny_model
     from transformers import AutoModelForQuestionAnswering
 
     folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
@@ -612,7 +612,7 @@ def test_train_qa_command_and_option_checks():
 
 
 def test_build_model_gives_a_two_output_span_head_and_says_where_it_came_from(tmp_path: Path):
-    from ft_support import make_tiny_model
+    from support import make_tiny_model
     from transformers import AutoConfig
 
     folder = make_tiny_model(tmp_path / "base")

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 import pytest
-from ft_support import HVDFT, horovodrun, make_tiny_model, one_line_errors, run_job, run_ok
+from support import HVDFT, horovodrun, make_tiny_model, one_line_errors, run_job, run_ok
 
 from hvdft.tasks import squad_metric
 from hvdft.tasks.qa import QaOptions, featurize

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import SHARED_DATA, write
 
 from hvdft.data.files import Shard
 from hvdft.errors import HvdftError
@@ -39,7 +40,6 @@ from hvdft.tasks.relation import (
     window,
     write_answer_file,
 )
-from tests.conftest import SHARED_DATA, write
 
 # SHARED_DATA honours HVDFT_SHARED_DATA (a worktree whose parent holds no shared/ folder).
 RELEASE = SHARED_DATA / "semeval2010_task8" / "SemEval2010_task8_all_data"
@@ -596,9 +596,8 @@ def test_model_with_markers_loads_in_a_pipeline(tmp_path):
     """build_model resizes the embeddings to the marker tokenizer; the saved folder loads in
     transformers.pipeline('text-classification') and classifies SemEval markup."""
     import torch
+    from support import make_tiny_model
     from transformers import AutoConfig, AutoTokenizer, pipeline
-
-    from tests.ft_support import make_tiny_model
 
     source = make_tiny_model(tmp_path / "tiny")
     task = RelationTask()
@@ -648,8 +647,7 @@ def test_plain_reference_loop_runs_and_matches_the_scorer(tmp_path):
     """benchmarks/plain_re.py on a small slice (tiny random model): it trains, and its
     official number is the Perl scorer's on the answer file it writes."""
     need_scorer()
-    from tests.conftest import ROOT, run
-    from tests.ft_support import make_tiny_model
+    from support import ROOT, make_tiny_model, run
 
     model = make_tiny_model(tmp_path / "tiny")
     out = tmp_path / "plain.json"

@@ -16,9 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import SHARED_DATA
-from tests.ft_support import HVDFT, horovodrun, make_tiny_model, one_line_errors, run_job, run_ok
+from support import HVDFT, SHARED_DATA, horovodrun, make_tiny_model, one_line_errors, run_job, run_ok
 
 pytestmark = pytest.mark.slow
 

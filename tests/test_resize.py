@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ft_support import (
+from support import (
     HVDFT,
     debug_events,
     horovodrun,

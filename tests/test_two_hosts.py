@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support import BIN, job_env, make_tiny_model, sentences, write_conll
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 HVDFT = [str(BIN / "hvdft")] if (BIN / "hvdft").exists() else [sys.executable, "-m", "hvdft"]
-REPO = Path(__file__).resolve().parent.parent
 IFACE = "hv0"  # the same name in both namespaces: Gloo and MPI are given one interface
 HOSTS = {"hvdft-h1": "10.77.0.1", "hvdft-h2": "10.77.0.2"}
 
@@ -73,11 +72,9 @@ class TwoHosts:
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PATH"] = f"{self.shim_dir}:{BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+        env = job_env()  # the suite's one job policy (support.py), with the ssh shim first
+        env["PATH"] = f"{self.shim_dir}:{env['PATH']}"
         env.pop("OMPI_MCA_plm_rsh_agent", None)
-        # Ranks of this small test need no more threads than cores: the box is shared.
-        env["OMP_NUM_THREADS"] = "1"
         env.update(extra)
         return env
 
@@ -275,9 +272,6 @@ def test_restart_drops_a_host_that_stopped_answering(two_hosts: TwoHosts, tmp_pa
     """`hvdft launch --max-restarts 1` over two hosts; in epoch 2 the link to hvdft-h2
     goes down. Gloo times out, the job fails, the restart finds hvdft-h2 unreachable
     (ssh fails), drops it and resumes the end-of-epoch-1 checkpoint on the one rank left."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from ft_support import make_tiny_model, sentences, write_conll
-
     model = make_tiny_model(tmp_path / "model")
     train = write_conll(tmp_path / "train.txt", sentences(24, 1))
     out = two_hosts.workdir / "run"

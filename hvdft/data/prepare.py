@@ -170,7 +170,15 @@ def _fingerprint(task: Task, columns: dict[str, list], tokenizer: Any, label2id:
     h.update(json.dumps([task.name, label2id, max_length, options, type(tokenizer).__name__],
                         sort_keys=True, default=str).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else tokenizer.name_or_path).encode())
+    if backend is not None:
+        # Without the truncation/padding state: each call of the tokenizer sets it, so it
+        # differs after the previous split was featurized or read from the cache, and an
+        # unchanged rerun missed the cache. What the features depend on is in `options`
+        # and `max_length`.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(tokenizer.name_or_path.encode())
     h.update(code_version(task).encode())
     h.update(task.cache_key().encode())
     from hvdft import __version__

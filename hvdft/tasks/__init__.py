@@ -17,6 +17,7 @@ TASKS = {
     "classify": "hvdft.tasks.classify:ClassifyTask",
     "qa": "hvdft.tasks.qa:QaTask",
     "re": "hvdft.tasks.relation:RelationTask",
+    "seq2seq": "hvdft.tasks.seq2seq:Seq2seqTask",
 }
 
 

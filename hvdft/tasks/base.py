@@ -38,6 +38,9 @@ class Task(ABC):
     targets: ClassVar[dict[str, int]] = {"labels": -100}  # target column -> its padding value
     predictions_for: ClassVar[tuple[str, ...]] = ("test",)  # reports whose predictions are written
     default_max_length: ClassVar[int | None] = None  # --max-length default (None: the model's limit)
+    default_metric_text: ClassVar[str | None] = None  # --metric's [default: ...] in --help when it depends on the data
+    usage_code: ClassVar[str | None] = None  # the model card's "Use" code (None: transformers.pipeline(self.pipeline))
+    needs_fast_tokenizer: ClassVar[bool] = True  # word alignment (word_ids, offsets) needs a fast tokenizer
 
     def __init__(self, options: Any = None, encoding: str = "utf-8") -> None:
         self.options = options if options is not None else self.Options()
@@ -166,6 +169,15 @@ class Task(ABC):
         return (f"{split.source}: {count} of {split.total} examples produced no model input "
                 f"at --max-length {max_length} ({where})")
 
+    def count_features(self, features: dict[str, list]) -> dict[str, int]:
+        """Counts of this rank's features worth reporting (e.g. truncated sources); the engine
+        sums them over the ranks and passes the totals to `describe_counts`. Default: none."""
+        return {}
+
+    def describe_counts(self, split: Split, counts: dict[str, int], max_length: int) -> str:
+        """The warning for a split's counts summed over all ranks, printed once ('' = nothing to say)."""
+        return ""
+
     def target_count(self, batch: Batch) -> int:
         """Loss terms in this batch: the labels that are not padding (-100)."""
         return int((batch.targets["labels"] != -100).sum())
@@ -186,6 +198,11 @@ class Task(ABC):
             logits.view(-1, logits.shape[-1]), target.view(-1), ignore_index=-100, reduction="sum"
         )
         return loss, outputs
+
+    def forward(self, model: Any, batch: Batch) -> Any:
+        """The model outputs `predictions` reads when no loss is computed (hvdft predict).
+        Default: the forward pass on the inputs; a generating task returns None."""
+        return model(**batch.inputs)
 
     # ------------------------------------------------------------------ evaluation
     @abstractmethod

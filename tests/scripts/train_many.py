@@ -2,22 +2,29 @@
 
     python train_many.py SPEC.json RESULT_DIR        (under horovodrun/mpirun, or alone)
 
-SPEC.json: [{"name": ..., "args": [...words after `hvdft train TASK`...], "env": {...},
-"task": "ner" (the default) or another task}].
-Each case goes through the real option parsing (click) and `hvdft.cli._run_training`,
-so it is what `hvdft train ner ARGS` does, minus the process start: a job pays for
-importing torch, transformers and Horovod once instead of once per case. Errors are
-caught as `hvdft.cli.guarded` catches them; every rank writes RESULT_DIR/rank<N>.json
-with, per case: ok, the error line, whether all ranks agreed on it, and the seconds.
+SPEC.json: [{"name": ..., "task": "ner" (the default) or another registered task, "args":
+[...words after `hvdft train TASK`...], "env": {...}}].
+
+Each case is what `hvdft train TASK ARGS` does, minus the process start and exit: the
+real option parsing (click), `hvdft.cli._run_training`, and what ended it printed by
+`hvdft.cli.report`, the function the CLI's `guarded` wrapper prints with. So a job pays
+for importing torch, transformers and Horovod once instead of once per case, and what
+each rank would have printed for each case is known exactly.
+
+Every rank writes RESULT_DIR/rank<N>.json with, per case: its exit status, the
+`hvdft: error:` lines it printed, whether it printed a traceback, its whole stdout and
+stderr for the case, and the seconds it took. Everything a case prints is also passed
+through to this process's own stdout/stderr, so the launcher's output holds it too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 
@@ -26,7 +33,6 @@ def main() -> int:
     out = Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     from hvdft import cli, dist
-    from hvdft.errors import HvdftError
 
     dist.init()
     results = []
@@ -35,26 +41,32 @@ def main() -> int:
         os.environ.update(case.get("env", {}))
         print(f"case {case['name']} starting", flush=True)
         start = time.monotonic()
-        entry = {"name": case["name"], "ok": True, "error": None, "agreed": None, "crash": None}
-        try:
-            task = case.get("task", "ner")
-            ctx = cli.train.commands[task].make_context(task, list(case["args"]))
-            cli._run_training(ctx, task, ctx.params)
-        except HvdftError as exc:
-            entry.update(ok=False, error=str(exc), agreed=bool(getattr(exc, "agreed", False)))
-        except Exception as exc:  # noqa: BLE001 - report, the test decides
-            entry.update(ok=False, crash=f"{type(exc).__name__}: {exc}", error=traceback.format_exc())
-        entry["seconds"] = time.monotonic() - start
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                task = case.get("task", "ner")
+                ctx = cli.train.commands[task].make_context(task, list(case["args"]))
+                cli._run_training(ctx, task, ctx.params)
+                code = 0
+            except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - as the CLI would
+                code = cli.report(exc)
+        seconds = time.monotonic() - start
+        sys.stdout.write(stdout.getvalue())
+        sys.stderr.write(stderr.getvalue())
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        results.append(entry)
-        print(f"case {case['name']} done: {entry['error'] or 'ok'}", flush=True)
+        errors = [line for line in stderr.getvalue().splitlines() if line.startswith("hvdft: error:")]
+        results.append({"name": case["name"], "code": code, "errors": errors,
+                        "traceback": "Traceback (most recent call last)" in stderr.getvalue(),
+                        "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "seconds": seconds})
+        print(f"case {case['name']} done: exit {code}", flush=True)
     (out / f"rank{dist.rank()}.json").write_text(json.dumps(results, indent=1))
     dist.shutdown()
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)  # as hvdft does: no wait for threads a failed case may have left
 
 
