@@ -98,11 +98,8 @@ def fast_path(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("fast-path")
     out = tmp / "fast.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--suite", "cpu-fast-path", "--smoke", "--json", str(out),
-         "--workdir", str(tmp / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800,
-    )
+    proc = run_job([sys.executable, str(BENCH), "--suite", "cpu-fast-path", "--smoke", "--json", str(out),
+                    "--workdir", str(tmp / "work")], timeout=1800, cwd=ROOT)
     assert proc.returncode == 0, f"cpu-fast-path --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     for title in ("Speed:", "Accuracy cost:", "bf16 / fp32 (hvdft):", "Scaling:"):
         assert title in proc.stdout
