@@ -440,9 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         emit(kernel_line(report["kernel"]))
         if "speed" in a.parts:
             report["speed"] = part_speed(a, train_file, workdir)
+            bert = (f", BERT-base-random {a.bert_steps} steps ({a.bert_warmup} excluded) x {a.bert_reps}"
+                    if any(m != "minilm" for m in a.models) else "")
             emit(f"Speed: hvdft on 1 rank and the plain loop; MiniLM {a.steps} steps ({a.warmup} warm-up "
-                          f"excluded) x {a.reps} rep(s), BERT-base-random {a.bert_steps} steps ({a.bert_warmup} "
-                          f"excluded) x {a.bert_reps}; batch 32\n\n" + speed_table(report["speed"]["runs"], a))
+                 f"excluded) x {a.reps} rep(s){bert}; batch 32\n\n" + speed_table(report["speed"]["runs"], a))
         if "f1" in a.parts:
             if valid_file is None:
                 raise bench.RunFailed(f"no valid.txt beside {train_file}")
