@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT
+from support import ROOT
 
 from hvdft import dist, gloo_host
 from hvdft.errors import HvdftError
