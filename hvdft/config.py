@@ -120,7 +120,8 @@ class TrainConfig:
     warmup_ratio: float = option(0.0, "Fraction of the steps with a linear warm-up; then linear decay.",
                                  at_least=0, below=1)
     max_grad_norm: float = option(1.0, "Clip the averaged gradient to this L2 norm; 0 disables clipping.", at_least=0)
-    max_length: int | None = option(None, "Tokens per window/sequence [default: the model's limit].", at_least=8,
+    max_length: int | None = option(None, "Tokens per window/sequence [default: the task's own (qa: 384), else "
+                                    "the model's limit].", at_least=8,
                                     must_match=True)
     seed: int = option(42, "Data order and initialisation.", at_least=0, must_match=True)
     max_train_samples: int | None = option(None, "Use the first N training examples.", at_least=1)
