@@ -310,6 +310,19 @@ train_classify = train.commands["classify"]
 # ---- predict / eval ----------------------------------------------------------------
 
 
+def _qa_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """QA models: the columns of JSON lines input and the null-answer threshold, over the model's own."""
+    for decl, kind, text in reversed([
+        ("--question-column", str, "QA: question column of JSON lines [default: the model's]."),
+        ("--context-column", str, "QA: context column of JSON lines [default: the model's]."),
+        ("--id-column", str, "QA: question id column of JSON lines [default: the model's]."),
+        ("--null-score-diff-threshold", float, "QA, SQuAD 2.0 models: answer nothing above this null-score "
+                                               "margin [default: the model's]."),
+    ]):
+        fn = click.option(decl, type=kind, help=text)(fn)
+    return fn
+
+
 def _seq2seq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """seq2seq models: the source column and the generation settings, over those saved with the model."""
     for decl, kind, text in reversed([
@@ -325,7 +338,6 @@ def _seq2seq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-
 @main.command()
 @click.option("--model", "model_dir", required=True, help="A model folder written by hvdft train.")
 @click.option("--input", "input_file", required=True,
@@ -338,11 +350,7 @@ def _seq2seq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--text-column", help="Text column (JSON/CSV data) [default: the one the model was trained with].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
-@click.option("--question-column", help="QA: question column of JSON lines [default: the model's].")
-@click.option("--context-column", help="QA: context column of JSON lines [default: the model's].")
-@click.option("--id-column", help="QA: question id column of JSON lines [default: the model's].")
-@click.option("--null-score-diff-threshold", type=float,
-              help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
+@_qa_options
 @_seq2seq_options
 @click.option("--encoding", default="utf-8", show_default=True)
 @guarded
@@ -367,11 +375,7 @@ def predict(**params: Any) -> int:
 @click.option("--text-column", help="Text/tokens column (JSON/CSV data) [default: the model's].")
 @click.option("--text-pair-column", help="Second text column (classify sentence pairs).")
 @click.option("--label-column", help="Label column (JSON/CSV data) [default: the model's].")
-@click.option("--question-column", help="QA: question column of JSON lines [default: the model's].")
-@click.option("--context-column", help="QA: context column of JSON lines [default: the model's].")
-@click.option("--id-column", help="QA: question id column of JSON lines [default: the model's].")
-@click.option("--null-score-diff-threshold", type=float,
-              help="QA, SQuAD 2.0 models: answer nothing above this null-score margin [default: the model's].")
+@_qa_options
 @click.option("--answers-column", help="QA: answers column of JSON lines [default: the model's].")
 @_seq2seq_options
 @click.option("--target-column", help="seq2seq: target column (JSON/CSV data) [default: the model's].")
