@@ -44,8 +44,10 @@ _TAG_START = re.compile(r"\[[\d,]*(?:\]<?[a-z]{0,6}>?)?")
 # The last line a rank prints about how it ends (hvdft.cli.guarded).
 _STATUS_LINE = re.compile(r"hvdft: (?:error: |interrupted\b|\[rank \d+\] interrupted\b)")
 _SECONDARY = "stopped because another rank failed"
-_HVD_EXIT = re.compile(r"^Process (\d+) exit with status code (-?\d+)\.\s*$")
-_HVD_TERMINATING = re.compile(r"^Terminating remaining workers after failure of Process \d+\.\s*$")
+# horovodrun reports exits from one thread per rank, so two reports can share a line:
+# 'Process 0 exit with status code 2.Process 1 exit with status code 2.'
+_HVD_EXIT = re.compile(r"Process (\d+) exit with status code (-?\d+)\.")
+_HVD_TERMINATING = re.compile(r"Terminating remaining workers after failure of Process \d+\.")
 _HVD_FIRST = re.compile(r"Process name: (\d+)\s+Exit code: (-?\d+)")
 _MPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on\s+signal (\d+) \(([^)]*)\)")
 _MPI_FIRST = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]\s+Exit code:\s+(-?\d+)")
@@ -97,6 +99,7 @@ class Watch:
         self._traceback = {"stdout": False, "stderr": False}
         self._banner: list[str] | None = None
         self._line_open = {"stdout": False, "stderr": False}
+        self._orphans = {"stdout": 0, "stderr": 0}  # blank lines still due from glued reports
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- input
@@ -167,6 +170,10 @@ class Watch:
                         self._rank_text(log, rank_stream, "\n", "")
             if self._banner:
                 self._end_banner()
+            if self.launcher == "horovodrun" and not self.exits:
+                # No exit report came through, but horovodrun's exception names the first.
+                if match := _HVD_FIRST.search(" ".join(line.strip() for line in self.launcher_lines)):
+                    self._exited(int(match.group(1)), int(match.group(2)))
 
     def _rank_text(self, log: RankLog, stream: str, text: str, tag: str) -> None:
         """Collect a rank's text into lines (ending in a newline) and progress frames
@@ -210,12 +217,19 @@ class Watch:
             self._traceback[stream] = True
             self.launcher_lines.append(body)
             return
-        if match := _HVD_EXIT.match(body):
-            self._exited(int(match.group(1)), int(match.group(2)))
+        if not body and self._orphans[stream]:
+            self._orphans[stream] -= 1  # the newline of a report that was glued to another
             return
-        if _HVD_TERMINATING.match(body):
-            return
-        self._write(stream, line)
+        reports = list(_HVD_EXIT.finditer(body)) + list(_HVD_TERMINATING.finditer(body))
+        for match in reports:
+            if match.re is _HVD_EXIT:
+                self._exited(int(match.group(1)), int(match.group(2)))
+        self._orphans[stream] += max(0, len(reports) - 1)
+        rest = _HVD_TERMINATING.sub("", _HVD_EXIT.sub("", body))
+        if rest == body:
+            self._write(stream, line)
+        elif rest.strip():  # a report glued to other text: the text goes on, the report does not
+            self._write(stream, rest + line[len(body) :])
 
     def _mpirun_line(self, stream: str, line: str, body: str) -> None:
         if self._banner is None and _DASHES.match(body):
