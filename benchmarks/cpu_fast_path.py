@@ -122,14 +122,18 @@ def part_speed(a: argparse.Namespace, train_file: Path, workdir: Path) -> dict[s
         model = bench.resolve_model(model_name, workdir)
         big = model_name != "minilm"
         steps, warmup, reps = (a.bert_steps, a.bert_warmup, a.bert_reps) if big else (a.steps, a.warmup, a.reps)
-        cells = [(c, r) for c in a.configs for r in ("hvdft-1", "plain")]
+        # bf16 without bf16 units is 20x slower per step than fp32: its rows get fewer steps
+        bf16_steps, bf16_warmup = (a.bert_bf16_steps, 1) if big else (a.bf16_steps, 2)
+        configs = [c for c in a.configs if not big or c in a.bert_configs]
+        cells = [(c, r) for c in configs for r in ("hvdft-1", "plain")]
         for rep in range(reps):
             k = rep % len(cells)
             for config, row in cells[k:] + cells[:k]:  # rotate: no cell always first
                 precision, comp = CONFIGS[config]
-                ns = base_args(a, precision=precision, compile=comp, steps=steps, warmup=warmup)
+                n, w = (bf16_steps, min(warmup, bf16_warmup)) if precision == "bf16" and bf16_steps else (steps, warmup)
+                ns = base_args(a, precision=precision, compile=comp, steps=n, warmup=w)
                 s = bench.run_row(row, ns, model, train_file, 42 + rep, workdir, variant=f"{model_name}-{config}")
-                s.update(part="speed", model=model_name, config=config, rep=rep)
+                s.update(part="speed", model=model_name, config=config, rep=rep, steps=n, warmup=w)
                 out["runs"].append(s)
                 log_run("speed", f"{model_name} {config} {row}", s)
     return out
@@ -179,11 +183,11 @@ def speed_table(runs: list[dict[str, Any]], a: argparse.Namespace) -> str:
 def part_f1(a: argparse.Namespace, train_file: Path, valid_file: Path, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": []}
     model = bench.resolve_model("minilm", workdir)
+    if a.f1_eval_samples:  # a file of the first N: the final report evaluates the whole file it is given
+        valid_file = first_sentences(valid_file, a.f1_eval_samples, workdir / f"valid-{a.f1_eval_samples}.txt")
     extra = ["--epochs", "1", "--validation-file", str(valid_file)]
     if a.f1_train_samples:
         extra += ["--max-train-samples", str(a.f1_train_samples)]
-    if a.smoke:
-        extra += ["--max-eval-samples", "64"]
     for precision in a.f1_precisions:
         ns = base_args(a, precision=precision, steps=0, warmup=a.warmup)
         s = bench.run_row("hvdft-1", ns, model, train_file, 42, workdir, variant=f"f1-{precision}", extra=extra)
@@ -192,6 +196,18 @@ def part_f1(a: argparse.Namespace, train_file: Path, valid_file: Path, workdir: 
                  epoch=res.get("epoch"), train_steps=res.get("train_steps"))
         out["runs"].append(s)
         log_run("f1", f"minilm {precision} (dev F1 {100 * (s['dev_f1'] or 0):.2f})", s)
+    return out
+
+
+def first_sentences(path: Path, n: int, out: Path) -> Path:
+    """The first n sentences of a CoNLL file (a sentence ends at a blank line), written to `out`."""
+    kept, count = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        kept.append(line)
+        count += not line.strip()
+        if count == n:
+            break
+    out.write_text("\n".join(kept) + "\n", encoding="utf-8")
     return out
 
 
@@ -370,9 +386,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bert-steps", type=int, default=12)
     p.add_argument("--bert-warmup", type=int, default=3)
     p.add_argument("--bert-reps", type=int, default=1)
+    p.add_argument("--bert-configs", default=",".join(CONFIGS), help="BERT-base's subset of --configs.")
+    p.add_argument("--bf16-steps", type=int, default=8,
+                   help="MiniLM bf16 rows' steps (2 warm-up) [8; 0: --steps]: bf16 without bf16 units is slow.")
+    p.add_argument("--bert-bf16-steps", type=int, default=3, help="BERT-base bf16 rows' steps (1 warm-up) [3].")
     p.add_argument("--f1-precisions", default="fp32,bf16")
     p.add_argument("--f1-train-samples", type=int, default=0,
                    help="Train on the first N sentences only (one epoch of those) [0: the whole file].")
+    p.add_argument("--f1-eval-samples", type=int, default=0,
+                   help="Score on the first N validation sentences only [0: the whole file].")
     p.add_argument("--scaling-steps", type=int, default=40)
     p.add_argument("--scaling-reps", type=int, default=1)
     p.add_argument("--load-limit", type=float, default=3.0, help="Flag rows whose load at start was above this.")
@@ -383,12 +405,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.parts = [x for x in a.parts.split(",") if x]
     a.models = [x for x in a.models.split(",") if x]
     a.configs = [x for x in a.configs.split(",") if x]
+    a.bert_configs = [x for x in a.bert_configs.split(",") if x]
     a.f1_precisions = [x for x in a.f1_precisions.split(",") if x]
     if a.smoke:
         a.models, a.steps, a.warmup, a.reps, a.scaling_steps, a.scaling_reps = ["minilm"], 3, 1, 1, 3, 1
         # compile is the costly path: fp32 only (bf16 runs in the F1 part)
-        a.configs, a.f1_train_samples = ["fp32", "compile"], 64
-    bad = [c for c in a.configs if c not in CONFIGS] + [x for x in a.parts if x not in ("speed", "f1", "scaling")]
+        a.configs, a.f1_train_samples, a.f1_eval_samples = ["fp32", "compile"], 64, 64
+    bad = [c for c in a.configs + a.bert_configs if c not in CONFIGS]
+    bad += [x for x in a.parts if x not in ("speed", "f1", "scaling")]
     if bad:
         p.error(f"unknown {bad}")
     return a
@@ -442,15 +466,18 @@ def main(argv: list[str] | None = None) -> int:
             report["speed"] = part_speed(a, train_file, workdir)
             bert = (f", BERT-base-random {a.bert_steps} steps ({a.bert_warmup} excluded) x {a.bert_reps}"
                     if any(m != "minilm" for m in a.models) else "")
+            bf16 = (f"; bf16 rows {a.bf16_steps} steps (2 excluded), BERT-base {a.bert_bf16_steps} (1 excluded)"
+                    if a.bf16_steps and any(CONFIGS[c][0] == "bf16" for c in a.configs) else "")
             emit(f"Speed: hvdft on 1 rank and the plain loop; MiniLM {a.steps} steps ({a.warmup} warm-up "
-                 f"excluded) x {a.reps} rep(s){bert}; batch 32\n\n" + speed_table(report["speed"]["runs"], a))
+                 f"excluded) x {a.reps} rep(s){bert}{bf16}; batch 32\n\n" + speed_table(report["speed"]["runs"], a))
         if "f1" in a.parts:
             if valid_file is None:
                 raise bench.RunFailed(f"no valid.txt beside {train_file}")
             report["f1"] = part_f1(a, train_file, valid_file, workdir)
             subset = f" (its first {a.f1_train_samples:,} sentences)" if a.f1_train_samples else ""
+            scored = f"its first {a.f1_eval_samples:,} sentences" if a.f1_eval_samples else "all of it"
             emit(f"Accuracy cost: MiniLM, hvdft 1 rank, batch 32, one epoch of {data_label} train{subset}, "
-                 f"F1 on {valid_file.name}\n\n" + f1_table(report["f1"]["runs"], a))
+                 f"F1 on {valid_file.name} ({scored})\n\n" + f1_table(report["f1"]["runs"], a))
         if "speed" in a.parts and "f1" in a.parts:
             v = report["bf16_verdict"] = bf16_verdict(report["speed"]["runs"], report["f1"]["runs"])
             sp = ", ".join(f"{k} {x:.2f}x" for k, x in v["hvdft_bf16_over_fp32"].items())

@@ -13,7 +13,7 @@ Recipe: question + context windows (`--max-length` 384, `--doc-stride` 128 token
 consecutive windows, as run_qa.py), the first answer located through the offset mapping
 (run_qa.py's walk, with one fix: an answer ending a window no longer gets [SEP] as its
 start), windows without it labelled at the CLS token; random batches, dynamic padding; the model's
-own QA loss ((CE(start) + CE(end)) / 2, mean over windows); AdamW, linear decay to 0, no
+own QA loss ((CE(start) + CE(end)) / 2, mean over windows); AdamW (weight decay 0), linear decay to 0, no
 warm-up; gradient clipping at 1.0. Evaluation: n-best start/end logits per window (20,
 answers of at most 30 tokens), best over the windows of a question; with
 `--version-2-with-negative`, the lowest null score over the windows against the best span
@@ -177,6 +177,7 @@ def main() -> int:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default).")
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--output", help="Write the JSON report here too.")
     args = p.parse_args()
 
@@ -200,7 +201,8 @@ def main() -> int:
     total_steps = args.steps or math.ceil(args.epochs * steps_per_epoch)
 
     model = AutoModelForQuestionAnswering.from_pretrained(args.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    # weight decay as hvdft's and run_qa.py's default (0), not torch's AdamW default (0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, total_steps)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
            if args.precision != "fp32" else contextlib.nullcontext())

@@ -125,7 +125,10 @@ class TrainConfig:
                                     must_match=True)
     seed: int = option(42, "Data order and initialisation.", at_least=0, must_match=True)
     max_train_samples: int | None = option(None, "Use the first N training examples.", at_least=1)
-    max_eval_samples: int | None = option(None, "Use the first N validation/test examples.", at_least=1)
+    max_eval_samples: int | None = option(None, "Evaluate the first N validation examples during training; the "
+                                          "best model's final report covers them all.", at_least=1)
+    max_test_samples: int | None = option(None, "Use the first N test examples (HF's max_predict_samples).",
+                                          at_least=1)
     precision: str = option("fp32", "fp32, or bf16/fp16 autocast (fp16 with a GradScaler).", choices=PRECISIONS,
                             must_match=True)
     grad_accum: int = option(1, "Backward passes per optimizer step (Horovod backward_passes_per_step).",

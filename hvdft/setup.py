@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,9 +183,26 @@ def enter_world(run: Setup) -> None:
 def shard_view(split: Split, features: dict[str, list], shard: Shard) -> tuple[Split, dict[str, list]]:
     """The part of a whole split (and of its feature rows) that `shard` owns, numbered as
     if this rank had read only its shard."""
-    own = [i for i, gid in enumerate(split.ids) if shard.owns(gid)]
+    return _view(split, features, shard.owns, split.total)
+
+
+def during_training(run: Setup) -> tuple[Split, dict[str, list]]:
+    """This rank's part of the validation set evaluated during training: the examples
+    numbered below --max-eval-samples (all of them without it)."""
+    split, features = run.splits["validation"], run.features["validation"]
+    limit = run.cfg.max_eval_samples
+    if not limit or limit >= split.total:
+        return split, features
+    return _view(split, features, lambda gid: gid < limit, limit)
+
+
+def _view(split: Split, features: dict[str, list], keep: Callable[[int], bool],
+          total: int) -> tuple[Split, dict[str, list]]:
+    """The examples of `split` whose global number `keep` accepts, with their feature rows,
+    renumbered in order (`total`: the whole view's size over all ranks)."""
+    own = [i for i, gid in enumerate(split.ids) if keep(gid)]
     local = {old: new for new, old in enumerate(own)}
-    part = Split(split.name, split.source, split.total, [split.ids[i] for i in own], [split.examples[i] for i in own])
+    part = Split(split.name, split.source, total, [split.ids[i] for i in own], [split.examples[i] for i in own])
     rows = [r for r, example in enumerate(features["example"]) if example in local]
     view = {key: [column[r] for r in rows] for key, column in features.items()}
     view["example"] = [local[features["example"][r]] for r in rows]

@@ -29,7 +29,7 @@ from hvdft.errors import Interrupted
 from hvdft.evaluate import autocast
 from hvdft.progress import Progress, Window
 from hvdft.resume import enter, prepare_commit, save
-from hvdft.setup import Setup, setup, start
+from hvdft.setup import Setup, during_training, setup, start
 
 log = logging.getLogger("hvdft")
 
@@ -212,7 +212,7 @@ def log_step(run: Setup, progress: Progress, window: Window, metrics: outputs.Me
 def evaluate_and_keep_best(run: Setup, progress: Progress, metrics: outputs.MetricsLog,
                            display: outputs.Display) -> None:
     """Collective: evaluate the validation set; keep the model if it is the best so far."""
-    evaluation = run.evaluator(run.splits["validation"], run.features["validation"])
+    evaluation = run.evaluator(*during_training(run))
     score = evaluation.metrics[run.metric]
     entry = {"step": progress.step, **{f"eval_{k}": v for k, v in evaluation.metrics.items()}}
     progress.history.append(entry)
@@ -314,6 +314,10 @@ def show_header(run: Setup, progress: Progress) -> None:
         f"precision {cfg.precision}, allreduce {cfg.allreduce_op}{' fp16' if cfg.fp16_allreduce else ''}",
         *(f"  {line}" for line in run.task.describe(run.model)),
     ]
+    during, _ = during_training(run) if "validation" in run.splits else (None, None)
+    if during is not None and during.total < run.splits["validation"].total:
+        lines.append(f"  evaluation during training: the first {during.total} of {run.splits['validation'].total} "
+                     "validation examples (--max-eval-samples); the best model's final report: all of them")
     if run.resumed_from:
         lines.append(f"  resumed from {run.resumed_from}")
     if run.resumed_note:

@@ -18,12 +18,26 @@ from hvdft.tasks.ner import NerTask
 
 WNUT = BUNDLED_DATASETS["wnut17"]
 TRAIN_ARGS = ["--model", "minilm", "--dataset", "wnut17", "--max-train-samples", "64", "--max-eval-samples", "40",
+              "--max-test-samples", "40",
               "--epochs", "2", "--batch-size", "8", "--max-length", "128", "--log-every", "2", "--lr", "1e-4"]
 
 
 def _first_sentences(path: Path, n: int):
     split = NerTask().read(str(path), "test", Shard())
     return split.examples[:n]
+
+
+def _first_sentences_file(path: Path, n: int, out: Path) -> Path:
+    """The first n sentences of a CoNLL file, as a file (sentences end at blank lines)."""
+    kept, count = [], 0
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        kept.append(line)
+        if not line.strip():
+            count += 1
+            if count == n:
+                break
+    out.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return out
 
 
 def _check_outputs(out: Path, test_file: Path = WNUT / "test.txt", n_test: int = 40) -> dict:
@@ -90,23 +104,25 @@ def test_train_ner_two_ranks_horovodrun(tmp_path: Path) -> None:
     assert [[line.split(" ")[0] for line in b] for b in blocks] == [
         ["Barack", "Obama", "visited", "Paris"], ["I", "love", "New", "York"], ["ok"]]
 
-    # eval reproduces the test score of the run
-    report_dir = tmp_path / "eval"
-    test_file = tmp_path / "test40.txt"
-    lines = (WNUT / "test.txt").read_text(encoding="utf-8").split("\n")
-    # the first 40 sentences of the test set (sentences end at whitespace-only lines)
-    kept, n = [], 0
-    for line in lines:
-        kept.append(line)
-        if not line.strip():
-            n += 1
-            if n == 40:
-                break
-    test_file.write_text("\n".join(kept) + "\n", encoding="utf-8")
-    run([HVDFT, "eval", "--model", str(out), "--data", str(test_file), "--output-dir", str(report_dir)], timeout=300)
-    scores = json.loads((report_dir / "eval_results.json").read_text())
+    # eval reproduces the test score of the run (--max-test-samples 40: the first 40 sentences)
+    def evaluated(data: Path) -> dict:
+        report_dir = tmp_path / f"eval-{data.stem}"
+        run([HVDFT, "eval", "--model", str(out), "--data", str(data), "--output-dir", str(report_dir)], timeout=300)
+        return json.loads((report_dir / "eval_results.json").read_text())
+
+    scores = evaluated(_first_sentences_file(WNUT / "test.txt", 40, tmp_path / "test40.txt"))
     assert scores["sentences"] == 40
     assert scores["f1"] == pytest.approx(results["test_f1"], abs=1e-12)
+    # --max-eval-samples 40: the evaluations during training (which chose the best model)
+    # saw the first 40 dev sentences; the best model's final report covers all 1,009.
+    assert "evaluation during training: the first 40 of 1009 validation examples" in proc.stdout
+    best = [r for r in metrics_records(out) if r.get("step") == results["best_step"] and "eval_f1" in r]
+    dev40 = evaluated(_first_sentences_file(WNUT / "valid.txt", 40, tmp_path / "valid40.txt"))
+    assert dev40["f1"] == pytest.approx(best[0]["eval_f1"], abs=1e-12)
+    assert dev40["f1"] == pytest.approx(results["best_eval_metric"], abs=1e-12)
+    dev = evaluated(WNUT / "valid.txt")
+    assert dev["sentences"] == 1009
+    assert dev["f1"] == pytest.approx(results["eval_f1"], abs=1e-12)
 
 
 # The thresholds, measured on this set (2 ranks x batch 8, 8 steps, lr 3e-4): the loss

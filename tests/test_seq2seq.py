@@ -520,6 +520,26 @@ def test_loss_is_the_summed_token_cross_entropy(kind: str, tmp_path: Path, tok) 
     assert sum(parts) / count == pytest.approx(loss.item() / count, rel=1e-5)
 
 
+def test_targets_and_generations_may_fill_every_decoder_position(tmp_path: Path, tok) -> None:
+    """The tiny BERT decoder has 64 positions: a 64-token target trains and 64 new tokens
+    generate; 65 of either is refused before training, naming the limit."""
+    t, model = configured("warm-start", tmp_path, tok, max_target_length=64, max_new_tokens=64)
+    model.eval()
+    long_target = " ".join(["chat"] * 80)  # one token per word: cut to 64 with eos
+    f = features_of(t, tok, sources=[SOURCES[0]], targets=[long_target])
+    assert len(f["labels"][0]) == 64 and f["target_truncated"] == [1]
+    loss, _ = t.loss(model, batch_of(f, [0]))
+    assert torch.isfinite(loss)
+    ids = torch.tensor([f["input_ids"][0]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64,
+                         num_beams=1, do_sample=False)
+    assert out.shape[1] == 65  # the start token and 64 new ones
+    for options, message in [({"max_target_length": 65}, "--max-target-length 65 does not fit the decoder's 64"),
+                             ({"max_target_length": 24, "max_new_tokens": 65},
+                              "--max-new-tokens 65 does not fit the decoder's 64")]:
+        assert message in error_of(configured, "warm-start", tmp_path / str(len(message)), tok, **options)
+
+
 def test_label_smoothing(tmp_path: Path, tok) -> None:
     t, model = configured("bart", tmp_path, tok, std=0.3, label_smoothing=0.1)  # peaked: smoothing matters
     model.eval()

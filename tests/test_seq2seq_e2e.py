@@ -262,6 +262,7 @@ def test_summarization_smoke_on_billsum(shared_data: Path, tmp_path: Path) -> No
     out = tmp_path / "out"
     result = run_ok([*horovodrun(2), HVDFT, "train", "seq2seq", "--model", str(model), "--train-file", str(data),
                      "--validation-file", str(data), "--test-file", str(data), "--max-eval-samples", "6",
+                     "--max-test-samples", "6",
                      "--max-steps", "4", "--eval-every", "4", "--batch-size", "4", "--max-source-length", "96",
                      "--max-target-length", "24", "--num-beams", "1", "--max-new-tokens", "16", "--lr", "1e-3",
                      "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)], timeout=900)
@@ -282,7 +283,7 @@ def test_translation_smoke_on_tatoeba(shared_data: Path, tmp_path: Path) -> None
     out = tmp_path / "out"
     result = run_ok([*horovodrun(2), HVDFT, "train", "seq2seq", "--model", str(model), "--train-file", str(data),
                      "--test-file", str(data), "--source-lang", "fra", "--target-lang", "eng",
-                     "--max-train-samples", "64", "--max-eval-samples", "7", "--max-steps", "3", "--batch-size", "8",
+                     "--max-train-samples", "64", "--max-test-samples", "7", "--max-steps", "3", "--batch-size", "8",
                      "--max-target-length", "24", "--num-beams", "1", "--max-new-tokens", "8",
                      "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)], timeout=900)
     assert "data: train 64, test 7" in result.output

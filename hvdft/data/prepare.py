@@ -78,7 +78,9 @@ def read_splits(task: Task, cfg: TrainConfig, shard: Shard | None = None,
             part = _read_one(task, split, sources, hub, shard)
             if part is None:
                 continue
-            limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+            # Validation stays whole: --max-eval-samples picks its subset for the evaluations
+            # during training only (setup.during_training), the final report covers it all.
+            limit = {"train": cfg.max_train_samples, "test": cfg.max_test_samples}.get(split)
             if limit:
                 _truncate(part, limit)
             result[split] = part

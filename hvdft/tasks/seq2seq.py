@@ -906,7 +906,8 @@ class Seq2seqTask(Task):
         if given is not None and given > max_length:
             raise HvdftError(f"--max-source-length {given} is over the model's limit of {max_length} tokens")
         self.max_source_length = given or max_length
-        if self.plan.decoder_positions and self.settings["max_target_length"] >= self.plan.decoder_positions:
+        # Teacher forcing feeds [start] + target[:-1]: a target of N tokens takes N positions.
+        if self.plan.decoder_positions and self.settings["max_target_length"] > self.plan.decoder_positions:
             raise HvdftError(f"--max-target-length {self.settings['max_target_length']} does not fit the "
                              f"decoder's {self.plan.decoder_positions} positions")
         if self.settings["lowercase_scores"] is None:
@@ -942,7 +943,8 @@ class Seq2seqTask(Task):
             model = self.model_class().from_pretrained(path, config=config, **load_kwargs)
         model.config.hvdft_task = self.name
         generation = training_generation(self.options, self.settings["max_target_length"])
-        if plan.decoder_positions and generation["max_new_tokens"] >= plan.decoder_positions:
+        # N new tokens are made from inputs of at most [start] + N - 1 tokens: N positions.
+        if plan.decoder_positions and generation["max_new_tokens"] > plan.decoder_positions:
             raise HvdftError(f"--max-new-tokens {generation['max_new_tokens']} does not fit the decoder's "
                              f"{plan.decoder_positions} positions")
         src, tgt = set_language_codes(tokenizer, self.settings["source_lang"], self.settings["target_lang"])
