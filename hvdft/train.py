@@ -314,9 +314,9 @@ def show_header(run: Setup, progress: Progress) -> None:
         f"precision {cfg.precision}, allreduce {cfg.allreduce_op}{' fp16' if cfg.fp16_allreduce else ''}",
         *(f"  {line}" for line in run.task.describe(run.model)),
     ]
-    during, _ = during_training(run) if "validation" in run.splits else (None, None)
-    if during is not None and during.total < run.splits["validation"].total:
-        lines.append(f"  evaluation during training: the first {during.total} of {run.splits['validation'].total} "
+    validation = run.splits.get("validation")
+    if validation is not None and cfg.max_eval_samples and cfg.max_eval_samples < validation.total:
+        lines.append(f"  evaluation during training: the first {cfg.max_eval_samples} of {validation.total} "
                      "validation examples (--max-eval-samples); the best model's final report: all of them")
     if run.resumed_from:
         lines.append(f"  resumed from {run.resumed_from}")
