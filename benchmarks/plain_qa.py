@@ -156,6 +156,19 @@ def postprocess(questions, rows, start_logits, end_logits, n_best_size, max_answ
     return answers, diffs
 
 
+def masked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(CE(start) + CE(end)) / 2, mean over windows, with the padded positions (attention
+    mask 0) left out of both softmaxes: the objective hvdft trains on, whose value does not
+    depend on how wide the batch is padded. The model's own loss keeps them in."""
+    inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions")}
+    out = model(**inputs)
+    pad = batch["attention_mask"] == 0
+    start = out.start_logits.float().masked_fill(pad, torch.finfo(torch.float32).min)
+    end = out.end_logits.float().masked_fill(pad, torch.finfo(torch.float32).min)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(start, batch["start_positions"]) + ce(end, batch["end_positions"])) / 2
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="Local model folder (config, weights, tokenizer).")
@@ -178,6 +191,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default).")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--mask-padding", action="store_true",
+                   help="Leave padded positions out of both softmaxes (hvdft's QA loss) instead of the "
+                        "model's own loss, which keeps them in.")
     p.add_argument("--output", help="Write the JSON report here too.")
     args = p.parse_args()
 
@@ -222,7 +238,7 @@ def main() -> int:
                                                          pad_id).items()}
             tokens += int(batch["attention_mask"].sum())
             with amp:
-                loss = model(**batch).loss
+                loss = (masked_loss(model, batch) if args.mask_padding else model(**batch).loss)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -263,6 +279,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "steps": step,
         "lr": args.lr,
+        "loss": "padding masked (hvdft's)" if args.mask_padding else "the model's own",
         "max_length": args.max_length,
         "doc_stride": args.doc_stride,
         "device": str(device),

@@ -505,6 +505,36 @@ def test_loss_is_summed_and_padding_free(tiny_qa, tokenizer, words):
     assert float(qa_loss(s, e, torch.tensor([2]), torch.tensor([0]))) == pytest.approx(float(want))
 
 
+def test_the_plain_loops_masked_loss_is_hvdfts_and_the_models_own_differs_only_with_padding(tiny_qa, tokenizer,
+                                                                                           words):
+    """benchmarks/plain_qa.py --mask-padding trains on hvdft's objective (its own code, not
+    hvdft's): the mean of qa_loss over the windows. Without padding it is the model's own
+    loss; with padding the model's own loss is larger (pads share the softmax)."""
+    import importlib.util
+
+    import torch
+
+    script = Path(__file__).parent.parent / "benchmarks" / "plain_qa.py"
+    spec = importlib.util.spec_from_file_location("plain_qa", script)
+    plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain)
+    examples = [answer_example(words[: 10 + 7 * k], 3, 4) for k in range(4)]
+    rows = featurize(batch_of(examples), tokenizer, 64, QaOptions(doc_stride=16))
+    task = QaTask()
+    with torch.no_grad():
+        for index in ([2], [0, 1, 2, 3]):
+            b = collate_rows(rows, index)
+            batch = {**b.inputs, **b.targets}
+            masked = plain.masked_loss(tiny_qa, batch)
+            ours = task.loss(tiny_qa, b)[0] / len(index)
+            own = tiny_qa(**batch).loss
+            assert float(masked) == pytest.approx(float(ours), rel=1e-6)
+            if len(index) == 1:  # no padding
+                assert float(own) == pytest.approx(float(masked), rel=1e-6)
+            else:
+                assert float(own) > float(masked) + 1e-3
+
+
 def test_task_predicts_merges_scores_and_writes(tiny_qa, tokenizer, words, tmp_path: Path):
     import torch
 
