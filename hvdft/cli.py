@@ -239,16 +239,17 @@ def _config_from(ctx: click.Context, task: str, params: dict[str, Any]) -> Any:
         values["scale_lr"] = "none"
     if config_file:
         by_name = {p.name: p for p in ctx.command.params}
-        for key, value in load_config_file(config_file).items():
+        file_values, lines = load_config_file(config_file)
+        for key, value in file_values.items():
             param = by_name.get(key)
             if param is None or key in ("config_file", "no_scale_lr"):
-                raise HvdftError(f"unknown option '{key}'", config_file)
+                raise HvdftError(f"unknown option '{key}'", config_file, lines.get(key))
             if ctx.get_parameter_source(key) != ParameterSource.DEFAULT:
                 continue
             try:
                 values[key] = param.type_cast_value(ctx, value)
             except click.BadParameter as exc:
-                raise HvdftError(f"{key}: {exc.message}", config_file) from None
+                raise HvdftError(f"{key}: {exc.message}", config_file, lines.get(key)) from None
     cls = task_class(task)
     own = {f.name for f in fields(cls.Options)}
     options = cls.Options(**{k: v for k, v in values.items() if k in own})

@@ -9,6 +9,7 @@ file go through the same Click conversion and the same `validate()` as the comma
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -228,18 +229,22 @@ def default_of(f: Any) -> Any:
     return f.default if f.default is not MISSING else None
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Options from a YAML or TOML file; keys as on the command line (dashes or underscores).
 
-    Values are returned as written; the caller converts them like command-line text.
+    Returns the values as written (the caller converts them like command-line text) and
+    the 1-based line of each key, for errors that name the file and line. Raises
+    HvdftError (file and, where the parser gives one, line) for an unreadable or invalid
+    file or one that is not a mapping.
     """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise HvdftError(f"cannot read config file: {exc.strerror}", p) from None
+    toml = p.suffix.lower() == ".toml"
     try:
-        if p.suffix.lower() == ".toml":
+        if toml:
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
@@ -251,7 +256,35 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text) or {}
     except Exception as exc:  # noqa: BLE001 - parser errors differ per format
-        raise HvdftError(f"invalid config file: {exc}".splitlines()[0], p) from None
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        message = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        at = re.search(r" \(at line (\d+), column \d+\)", message)  # tomllib before 3.14 has no lineno
+        line = mark.line + 1 if mark is not None else int(at.group(1)) if at else None
+        raise HvdftError(f"invalid config file: {message}", p, line) from None
     if not isinstance(data, dict):
         raise HvdftError("config file must hold a mapping of option: value", p)
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    lines = _toml_key_lines(text) if toml else _yaml_key_lines(text)
+    return ({str(k).replace("-", "_"): v for k, v in data.items()},
+            {str(k).replace("-", "_"): n for k, n in lines.items()})
+
+
+def _yaml_key_lines(text: str) -> dict[str, int]:
+    """The 1-based line of each top-level key of a YAML mapping (from the parser's node marks)."""
+    import yaml
+
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(key.value): key.start_mark.line + 1 for key, _ in node.value}
+
+
+def _toml_key_lines(text: str) -> dict[str, int]:
+    """The 1-based line of each top-level `key = value` of a TOML file (tomllib keeps no positions)."""
+    lines: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("["):  # a table: what follows is not top-level
+            break
+        m = re.match(r"""\s*(["']?)([A-Za-z0-9_-]+)\1\s*=""", line)
+        if m:
+            lines.setdefault(m.group(2), n)
+    return lines

@@ -696,7 +696,7 @@ def job_output_dir(req: LaunchRequest) -> Path | None:
     if config:
         from hvdft.config import load_config_file
 
-        value = load_config_file(config).get("output_dir")
+        value = load_config_file(config)[0].get("output_dir")
         if value:
             return Path(str(value))
     from hvdft.config import TrainConfig

@@ -5,6 +5,7 @@ srun-without-MPI guard, and options from --config files converted like the comma
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -184,14 +185,31 @@ def test_config_file_values_are_converted_like_the_command_line(tmp_path: Path) 
     cfg = config("--config", str(toml_file))
     assert (cfg.lr, cfg.epochs, cfg.train_file) == (2e-5, 2.0, "t.txt")
     bad = write(tmp_path, "bad.yaml", "batch_size: many\n")
-    with pytest.raises(HvdftError, match=rf"^{bad}: batch_size: 'many' is not a valid integer"):
+    with pytest.raises(HvdftError, match=rf"^{bad}:1: batch_size: 'many' is not a valid integer"):
         config("--config", str(bad))
-    unknown = write(tmp_path, "u.yaml", "learning_rate: 1\n")
-    with pytest.raises(HvdftError, match=rf"^{unknown}: unknown option 'learning_rate'"):
+    unknown = write(tmp_path, "u.yaml", "# tuned\nlr: 1e-4\n\nlearning-rate: 1\n")
+    with pytest.raises(HvdftError, match=rf"^{unknown}:4: unknown option 'learning_rate'$"):
         config("--config", str(unknown))
     negative = write(tmp_path, "n.yaml", "lr: -1e-3\ntrain_file: t.txt\n")
     with pytest.raises(HvdftError, match=r"^--lr must be positive, got -0.001$"):
         config("--config", str(negative))
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("bad.toml", 'epochs = 2\nbatch-size = "many"\n', r":2: batch_size: 'many' is not a valid integer"),
+    ("u.toml", '# tuned\n"lr" = "1e-4"\nwarmup = 3\n', r":3: unknown option 'warmup'$"),
+    ("syntax.yaml", "lr: 1e-4\nepochs: [1\nseed: 3\n", r":3: invalid config file: "),
+    ("syntax.toml", "lr = 1e-4\nepochs = = 2\n", r":2: invalid config file: "),
+    ("list.yaml", "- lr\n- 1e-4\n", r": config file must hold a mapping of option: value$"),
+])
+def test_config_file_errors_name_the_file_and_line(tmp_path: Path, name: str, text: str, expected: str) -> None:
+    from hvdft import cli
+
+    path = write(tmp_path, name, text)
+    ctx = cli.train_ner.make_context("ner", ["--config", str(path)])
+    with pytest.raises(HvdftError, match=re.escape(str(path)) + expected) as err:
+        cli._config_from(ctx, "ner", ctx.params)
+    assert "\n" not in str(err.value)
 
 
 def test_config_file_error_is_one_line_once_under_a_launcher(tmp_path: Path) -> None:
@@ -199,7 +217,7 @@ def test_config_file_error_is_one_line_once_under_a_launcher(tmp_path: Path) -> 
     bad = write(tmp_path, "bad.yaml", "lr: fast\n")
     outs = [run_cli(["train", "ner", "--config", str(bad)], tmp_path, HOROVOD_RANK=str(r)) for r in (0, 1)]
     assert [p.returncode for p in outs] == [2, 2]
-    assert outs[0].stderr.strip() == f"hvdft: error: {bad}: lr: 'fast' is not a valid float."
+    assert outs[0].stderr.strip() == f"hvdft: error: {bad}:1: lr: 'fast' is not a valid float."
     assert outs[1].stderr == ""
 
 

@@ -297,8 +297,8 @@ def test_two_ranks_train_as_one_rank_with_twice_the_batch(tmp_path: Path, tokeni
 
     What makes it hold: the loss is summed over windows with padded positions masked out of
     both softmaxes, and divided by the global window count. transformers' own head loss (a
-    mean, pads inside the softmax) differs with the padding width, and a per-rank mean
-    differs when ranks hold different counts; either fails here.
+    mean, pads inside the softmax) differs with the padding width and fails here (the
+    gradient's scale across ranks in general: tests/test_equivalence.py).
     """
     from support import load_tensors, max_abs_diff, train_records
 
