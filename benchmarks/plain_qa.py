@@ -289,6 +289,8 @@ def main() -> int:
         "real_tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "train_loss": sum(losses) / len(losses) if losses else None,  # mean over the steps, as hvdft's
+        "last_10_steps_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         **{f"eval_{k}": v for k, v in metrics.items()},
     }
     text = json.dumps(report, indent=2)
