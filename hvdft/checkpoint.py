@@ -41,6 +41,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask_modes(folder: Path) -> None:
+    """Give every file under `folder` the mode a new file gets (0o666 less the umask).
+
+    safetensors >= 0.8.1 writes through a temporary file created 0o600 and renames it
+    (safetensors#782, open): model.safetensors came out readable by its owner alone while
+    config.json and the tokenizer were 0o644, so a colleague, a service account or a
+    container running as another user could not load the model.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def write_atomically(final: Path, write: Any) -> Path:
     """Run write(tmp_folder), flush it, and rename it to `final` (replacing it)."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +65,7 @@ def write_atomically(final: Path, write: Any) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     write(tmp)
+    _umask_modes(tmp)
     fsync_tree(tmp)
     old = None
     if final.exists():

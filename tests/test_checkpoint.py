@@ -449,3 +449,24 @@ def test_remote_code_needs_trust_remote_code(tmp_path: Path, monkeypatch: pytest
     assert not marker.exists()
     config = _load(AutoConfig.from_pretrained, str(model), TrainConfig(train_file="x", trust_remote_code=True))
     assert type(config).__name__ == "EvilConfig" and marker.exists()  # the flag is what allows it
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_models_are_readable_as_the_umask_allows(tmp_path: Path, umask: int) -> None:
+    """safetensors >= 0.8.1 writes model.safetensors 0o600 whatever the umask (safetensors#782):
+    every file of a saved model folder gets the mode a new file gets, 0o666 less the umask."""
+    from support import make_tiny_model
+    from transformers import AutoModel, AutoTokenizer
+
+    from hvdft.outputs import save_model
+
+    src = make_tiny_model(tmp_path / "src")
+    model, tokenizer = AutoModel.from_pretrained(src), AutoTokenizer.from_pretrained(src)
+    old = os.umask(umask)
+    try:
+        save_model(tmp_path / "out", model, tokenizer, {"config": {}})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "hvdft_run.json"} <= set(modes)
+    assert set(modes.values()) == {0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}
