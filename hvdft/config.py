@@ -161,7 +161,8 @@ class TrainConfig:
                                 flag_value="latest", metavar="[PATH|auto]")
     overwrite_output_dir: bool = option(False, "Start afresh in an --output-dir that holds an earlier run "
                                         "(its checkpoints are deleted).")
-    max_steps: int = option(0, "Stop after N optimizer steps; 0 = no limit.", at_least=0)
+    max_steps: int = option(0, "Stop after N optimizer steps, or at the end of --epochs if that comes "
+                            "first; 0 = no limit.", at_least=0)
     report_to: str = option("none", "Send the metrics to tensorboard (OUTPUT_DIR/runs), mlflow (MLFLOW_TRACKING_URI, "
                             "else OUTPUT_DIR/mlruns), all, or none (rank 0).", choices=REPORT_TO)
     # Not --timeline: horovodrun's parser takes that for an abbreviation of its own options.
