@@ -41,6 +41,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it to read
+    it back would briefly affect files other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 def _umask_modes(folder: Path) -> None:
     """Give every file under `folder` the mode a new file gets (0o666 less the umask).
 
@@ -49,9 +63,7 @@ def _umask_modes(folder: Path) -> None:
     config.json and the tokenizer were 0o644, so a colleague, a service account or a
     container running as another user could not load the model.
     """
-    umask = os.umask(0)
-    os.umask(umask)
-    mode = 0o666 & ~umask
+    mode = 0o666 & ~_current_umask()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(mode)
