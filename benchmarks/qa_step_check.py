@@ -80,13 +80,15 @@ def main() -> int:
         opt.zero_grad()
         return loss.item(), norm.item()
 
-    def plain_optimizer(model):
+    def plain_optimizer(model, total: int):
+        """torch AdamW and a linear decay to 0 at step `total`."""
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (a.steps - s) / a.steps))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (total - s) / total))
 
     if a.mode == "steps":
         plain = copy.deepcopy(run.model)
-        opt, sched = plain_optimizer(plain)
+        # hvdft's schedule is planned for the whole epoch: the plain one gets the same length
+        opt, sched = plain_optimizer(plain, run.total_steps)
 
         class NoRequests:  # no stop signal, no timed checkpoint
             raised = False
@@ -95,8 +97,6 @@ def main() -> int:
             def checkpoint_due(self) -> bool:
                 return False
 
-        # hvdft's schedule is planned for the whole epoch: give the plain one the same length
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (run.total_steps - s) / run.total_steps))
         print("step  plain loss  hvdft loss  plain norm  hvdft norm  max |w_plain - w_hvdft|")
         for k, micro in enumerate(batches, 1):
             loss, norm = plain_step(plain, opt, sched, micro[0], mask=True)
@@ -113,7 +113,7 @@ def main() -> int:
         model = run.model
         model.load_state_dict(init)
         model.train()
-        opt, sched = plain_optimizer(model)
+        opt, sched = plain_optimizer(model, a.steps)
         torch.manual_seed(a.seed)  # the same dropout masks for both losses
         t0, losses = time.perf_counter(), []
         for micro in batches:
